@@ -1,0 +1,329 @@
+"""Typed configuration: dataclasses are the schema (defaults and a docstring per field), YAML holds the values.
+
+    cfg = load_config(Config, "configs/tiny_cpu.yaml", overrides=["parallel.tp=2", "algo.beta=0.05"])
+
+- Unknown keys are rejected with their full path (`unknown config key 'algo.bta'; valid keys: ...`).
+- Values are type-checked against the annotations (int, float, bool, str, Literal, Optional, list, nested
+  dataclasses); an int is accepted for a float field, and so is a numeric string, because YAML 1.1 reads
+  `1e-6` (no dot) as a string. Nothing else is coerced.
+- Overrides `a.b=c` parse `c` as YAML (`true`, `1e-3`, `[1, 2]`, `null`) and go through the same checks.
+- After construction each dataclass's `validate()` (if any) runs, parents after children, for cross-field
+  rules; they raise ValueError naming the fields involved.
+
+`Config` (the trainer's schema) lives here too; experiments define their own top-level dataclasses and load
+them with the same `load_config`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generic loader
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses. Raises ValueError naming `path`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, option, path)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{path} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{path} must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-6` (no dot) as a string; accept numeric strings for float fields only.
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{path} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {tp!r} in the config schema")
+
+
+def _from_dict(cls: type[T], data: dict, path: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ValueError(f"unknown config key '{where}'; valid keys here: {sorted(fields)}")
+    kwargs = {name: _convert(v, hints[name], f"{path}.{name}" if path else name) for name, v in data.items()}
+    return cls(**kwargs)
+
+
+def _validate(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate(child)
+    if hasattr(obj, "validate"):
+        obj.validate()
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override to a raw config mapping (value parsed as YAML)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {override!r} must look like section.field=value")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {override!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(cls: type[T], data: dict, overrides: typing.Iterable[str] = ()) -> T:
+    """Build and validate `cls` from a raw mapping plus `a.b=c` overrides."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        apply_override(data, override)
+    cfg = _from_dict(cls, data)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
+    """Load `cls` from a YAML file (or defaults when `path` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    try:
+        return config_from_dict(cls, data, overrides)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain data (for run directories: the resolved config is saved next to the metrics)."""
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trainer's schema
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, plots and checkpoints are written here."""
+    seed: int = 1234
+    """Seed for parameter init, data order and sampling; the same seed gives the same run at every layout."""
+    log_interval: int = 1
+    """Write a metrics record every this many optimizer steps."""
+
+    def validate(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError(f"run.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (shards attention heads, MLP and the vocabulary)."""
+    pp: int = 1
+    """Pipeline-parallel size (splits the layers into stages)."""
+    vpp: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B); None disables interleaving."""
+    cp: int = 1
+    """Context-parallel size (splits each sequence; needs Transformer Engine)."""
+    world_size: int | None = None
+    """Expected number of processes; None takes it from the launcher. DP = world_size / (tp * pp * cp)."""
+
+    def validate(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
+            raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got {self.pp}) and vpp >= 1")
+        if self.world_size is not None:
+            self.data_parallel_size(self.world_size)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP for a given world size; raises when world_size is not a multiple of tp * pp * cp."""
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size < 1 or world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not a multiple of parallel.tp * parallel.pp * parallel.cp = "
+                f"{self.tp} * {self.pp} * {self.cp} = {model_parallel}"
+            )
+        return world_size // model_parallel
+
+
+GroupStrategy = Literal["group_atomic", "allgather", "prepass"]
+ReferenceMode = Literal["old_policy", "frozen", "refresh"]
+
+
+@dataclass
+class AlgoConfig:
+    beta: float = 0.1
+    """KL strength: the optimum is pi_ref * exp(R / beta) / Z. The authors use 0.1 for 7B math."""
+    group_size: int = 4
+    """k, responses sampled per prompt. Groups need k >= 2 to carry signal."""
+    reference: ReferenceMode = "old_policy"
+    """pi_ref: 'old_policy' (the policy that sampled the batch; the paper's Algorithm 1), 'frozen' (the
+    initial model, classic KL-regularised RLHF) or 'refresh' (frozen, re-synced every ref_refresh_interval)."""
+    ref_refresh_interval: int = 0
+    """Rollout steps between reference refreshes; only with reference='refresh'."""
+    group_strategy: GroupStrategy = "group_atomic"
+    """How the group mean of log-ratios is obtained at the current parameters under Megatron:
+    'group_atomic' (whole groups per micro-batch), 'allgather' (detached all-gather across DP ranks) or
+    'prepass' (forward-only pass computes weights, then any packing)."""
+    loss_scale: float = 1.0
+    """Constant loss factor; micro_batch_size / (2 * group_size) reproduces the authors' verl code."""
+
+    def validate(self) -> None:
+        if not self.beta > 0:
+            raise ValueError(f"algo.beta must be > 0, got {self.beta}")
+        if self.group_size < 2:
+            raise ValueError(f"algo.group_size must be >= 2 (a group of 1 carries no signal), got {self.group_size}")
+        if (self.reference == "refresh") != (self.ref_refresh_interval > 0):
+            raise ValueError(
+                "algo.ref_refresh_interval must be > 0 exactly when algo.reference='refresh' "
+                f"(got reference={self.reference!r}, ref_refresh_interval={self.ref_refresh_interval})"
+            )
+        if not self.loss_scale > 0:
+            raise ValueError(f"algo.loss_scale must be > 0, got {self.loss_scale}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Rollout steps (each: sample, score, then optimizer_steps_per_rollout optimizer steps)."""
+    global_batch_size: int = 32
+    """Samples (responses, not prompts) per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on one data-parallel rank."""
+    optimizer_steps_per_rollout: int = 1
+    """Mini-batches per rollout batch; the authors use 4 (the first is on-policy, later ones trust-region)."""
+    lr: float = 1e-6
+    """Peak learning rate (Adam)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+    def validate(self) -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "optimizer_steps_per_rollout"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class Config:
+    """The trainer's configuration; YAML sections map to these fields."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where outputs go and the seed."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Megatron parallel layout."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """GVPO hyper-parameters and the group strategy."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Batch sizes, optimizer and schedule."""
+
+    def validate(self) -> None:
+        k, gbs, mbs = self.algo.group_size, self.train.global_batch_size, self.train.micro_batch_size
+        if gbs % k:
+            raise ValueError(f"train.global_batch_size={gbs} must be a multiple of algo.group_size={k}")
+        if self.algo.group_strategy == "group_atomic" and mbs % k:
+            raise ValueError(
+                f"algo.group_strategy='group_atomic' packs whole groups: train.micro_batch_size={mbs} must be "
+                f"a multiple of algo.group_size={k} (or use group_strategy 'allgather' or 'prepass')"
+            )
+        if self.parallel.world_size is not None:
+            self.check_world_size(self.parallel.world_size)
+
+    def check_world_size(self, world_size: int) -> int:
+        """Validate the batch split for `world_size` processes; return DP."""
+        dp = self.parallel.data_parallel_size(world_size)
+        gbs, mbs = self.train.global_batch_size, self.train.micro_batch_size
+        if gbs % (mbs * dp):
+            raise ValueError(
+                f"train.global_batch_size={gbs} must be a multiple of train.micro_batch_size * DP = {mbs} * {dp}"
+            )
+        return dp
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_config_arguments(parser, default_config: str | None = None) -> None:
+    """`--config PATH` and `--set a.b=c [d.e=f ...]`, shared by every entry point."""
+    parser.add_argument("--config", default=default_config, help="YAML file with the values (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config values, e.g. --set train.steps=10 parallel.tp=2",
+    )

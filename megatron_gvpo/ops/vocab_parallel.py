@@ -1,0 +1,171 @@
+"""Token log-probs and entropy from vocab-parallel logits, in bounded memory.
+
+Tensor parallelism shards the output layer over the vocabulary: rank r holds logits for token ids
+[r * V_local, (r+1) * V_local). `vocab_parallel_logprobs` computes log softmax at the target id (and the
+entropy of the full distribution) without ever gathering the full vocabulary:
+
+    forward:  m = max over all shards (one all-reduce MAX of [T]);
+              per token s = sum exp(x - m), z_t = x_target - m, e = sum exp(x - m) * (x - m)
+              (one all-reduce SUM of [T, 3]); log p_t = z_t - log s; H = log s - e / s.
+    backward: purely local, no communication: with log p = x - lse,
+              d log p_t / dx = onehot(t) - p,   dH / dx = -p * (log p + H).
+
+Memory: the input is never modified or copied whole. Work happens `chunk_size` tokens at a time in two fp32
+[chunk, V_local] buffers, in forward and again (recomputed) in backward; autograd keeps only a reference to
+the logits and two [T] fp32 vectors. The only full-size allocation is the gradient itself.
+Compare Megatron's `vocab_parallel_cross_entropy`, which overwrites its input (callers that reuse the logits
+must clone them) and offers no entropy, and plain `log_softmax` + gather, which keeps [T, V] fp32 alive.
+
+The upstream gradient must be identical on every rank of the TP group (it is when the loss is computed
+redundantly on all TP ranks, as in Megatron).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+"""Default size of each fp32 work buffer; `chunk_size=None` picks the token count that fills it."""
+
+
+def _group_rank_size(tp_group) -> tuple[int, int]:
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(tp_group), dist.get_world_size(tp_group)
+
+
+def _all_reduce(t: torch.Tensor, op, tp_group) -> None:
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        dist.all_reduce(t, op=op, group=tp_group)
+
+
+def _chunks(num_tokens: int, chunk_size: int):
+    for start in range(0, num_tokens, chunk_size):
+        yield start, min(start + chunk_size, num_tokens)
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TV, targets_T, tp_group, chunk_size, return_entropy):
+        num_tokens, vocab_local = logits_TV.shape
+        # Half-precision logits are processed in fp32; fp64 stays fp64 (gradcheck, references).
+        work = torch.promote_types(logits_TV.dtype, torch.float32)
+        ctx.work_dtype = work
+        rank, _ = _group_rank_size(tp_group)
+        local_target_T = targets_T - rank * vocab_local
+        in_shard_T = (local_target_T >= 0) & (local_target_T < vocab_local)
+        local_target_T = torch.where(in_shard_T, local_target_T, torch.zeros_like(local_target_T))
+
+        max_T = torch.empty(num_tokens, dtype=work, device=logits_TV.device)
+        for s, e in _chunks(num_tokens, chunk_size):
+            max_T[s:e] = logits_TV[s:e].max(dim=-1).values
+        _all_reduce(max_T, dist.ReduceOp.MAX, tp_group)
+
+        # Columns: sum exp(z), z at the target (0 off-shard), sum exp(z) * z; z = x - max.
+        stats_T3 = torch.zeros(num_tokens, 3, dtype=work, device=logits_TV.device)
+        for s, e in _chunks(num_tokens, chunk_size):
+            z = logits_TV[s:e].to(work, copy=True).sub_(max_T[s:e, None])
+            target_z = z.gather(1, local_target_T[s:e, None]).squeeze(1)
+            stats_T3[s:e, 1] = torch.where(in_shard_T[s:e], target_z, torch.zeros_like(target_z))
+            exp_z = torch.exp(z)
+            stats_T3[s:e, 0] = exp_z.sum(dim=-1)
+            if return_entropy:
+                stats_T3[s:e, 2] = torch.bmm(exp_z.unsqueeze(1), z.unsqueeze(2)).view(-1)
+            del z, exp_z
+        _all_reduce(stats_T3, dist.ReduceOp.SUM, tp_group)
+
+        log_sum_T = stats_T3[:, 0].log()
+        logp_T = stats_T3[:, 1] - log_sum_T
+        lse_T = max_T + log_sum_T
+        entropy_T = log_sum_T - stats_T3[:, 2] / stats_T3[:, 0] if return_entropy else logp_T.new_zeros(0)
+
+        ctx.save_for_backward(logits_TV, local_target_T, in_shard_T, lse_T, entropy_T)
+        ctx.chunk_size = chunk_size
+        ctx.return_entropy = return_entropy
+        logp_out, entropy_out = logp_T.to(logits_TV.dtype), entropy_T.to(logits_TV.dtype)
+        if not return_entropy:
+            ctx.mark_non_differentiable(entropy_out)
+        return logp_out, entropy_out
+
+    @staticmethod
+    def backward(ctx, grad_logp_T, grad_entropy_T):
+        logits_TV, local_target_T, in_shard_T, lse_T, entropy_T = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        grad_logits_TV = torch.empty_like(logits_TV)
+        work = ctx.work_dtype
+        g_logp_T = grad_logp_T.to(work) if grad_logp_T is not None else None
+        use_entropy = ctx.return_entropy and grad_entropy_T is not None
+        g_ent_T = grad_entropy_T.to(work) if use_entropy else None
+
+        for s, e in _chunks(logits_TV.shape[0], ctx.chunk_size):
+            logp = logits_TV[s:e].to(work, copy=True).sub_(lse_T[s:e, None])
+            p = torch.exp(logp)
+            if use_entropy:
+                # grad = -g_H * p * (log p + H), built in the log-prob buffer.
+                grad = logp.add_(entropy_T[s:e, None]).mul_(p).mul_(-g_ent_T[s:e, None])
+            else:
+                grad = logp.zero_()
+            if g_logp_T is not None:
+                g = g_logp_T[s:e]
+                grad.sub_(p.mul_(g[:, None]))
+                onehot_grad = torch.where(in_shard_T[s:e], g, torch.zeros_like(g))
+                grad.scatter_add_(1, local_target_T[s:e, None], onehot_grad[:, None])
+            grad_logits_TV[s:e].copy_(grad)
+            del logp, p, grad
+        return grad_logits_TV, None, None, None, None
+
+
+def vocab_parallel_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+):
+    """log softmax(logits)[target] (and the entropy) for vocab-sharded logits, differentiable in `logits`.
+
+    Args:
+        logits: [..., V_local] this rank's vocabulary shard (any float dtype; math in fp32). Not modified.
+        targets: [...] global target token ids in [0, V_local * tp_size).
+        tp_group: the tensor-parallel group the vocabulary is sharded over; None means unsharded (one process,
+            no communication), not the default group.
+        chunk_size: tokens processed at once; None fills `DEFAULT_CHUNK_BYTES` per fp32 work buffer.
+        return_entropy: also return the entropy of the full (all-shard) distribution.
+
+    Returns:
+        logp [...] in `logits.dtype`, or (logp, entropy) when `return_entropy`.
+    """
+    if logits.dim() < 1 or targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits shape {tuple(logits.shape)} without "
+            "its last (vocabulary) dimension"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _, tp_size = _group_rank_size(tp_group)
+    vocab_local = logits.shape[-1]
+    vocab_size = vocab_local * tp_size
+    flat_targets = targets.reshape(-1)
+    bad = (flat_targets < 0) | (flat_targets >= vocab_size)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"targets[{i}] = {int(flat_targets[i])} is outside the vocabulary [0, {vocab_size}) "
+            f"({vocab_local} per shard x {tp_size} shards)"
+        )
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab_local, 1)))
+    logits_TV = logits.reshape(-1, vocab_local)
+    logp_T, entropy_T = _VocabParallelLogprobs.apply(
+        logits_TV, flat_targets.to(torch.long), tp_group, chunk_size, return_entropy
+    )
+    logp = logp_T.view(targets.shape)
+    if return_entropy:
+        return logp, entropy_T.view(targets.shape)
+    return logp

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create or update ./.venv with the pinned CPU dependencies; `--test` adds the test tools.
+# Idempotent: a stamp named after the hash of the requirement files skips the install when nothing changed,
+# so the README's commands cost seconds after the first run. Python 3.11 is required (megatron-core 0.16.1).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+req=requirements/cpu.txt
+if [[ "${1:-}" == "--test" ]]; then req=requirements/test.txt; fi
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null 2>&1 || python=python3
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    echo "setup_venv: need Python 3.11, $python is $("$python" --version 2>&1); set PYTHON=/path/to/python3.11" >&2
+    exit 1
+fi
+
+stamp=".venv/.installed-$(basename "$req" .txt)-$(cat requirements/*.txt | sha256sum | cut -c1-16)"
+if [[ -f "$stamp" ]]; then
+    exit 0
+fi
+echo "setup_venv: installing $req into ./.venv (first run: about a minute)" >&2
+[[ -x .venv/bin/python ]] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" 2> >(grep -v "is ignored" >&2)
+rm -f .venv/.installed-*
+touch "$stamp"
