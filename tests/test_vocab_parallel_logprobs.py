@@ -128,3 +128,57 @@ def out_of_range_on_shards():
 
 def test_bad_target_names_global_vocabulary(gloo):
     assert gloo.run(2, out_of_range_on_shards) == [True, True]
+
+
+def subgroup_run(vocab, num_tokens):
+    """4 ranks as two TP groups of 2 (ranks {0,1} and {2,3}), each group with its own problem: the op must use
+    the rank inside the group it is given, not the global rank."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    rank = dist.get_rank()
+    tp_group, tp_rank = groups[rank // 2], rank % 2
+    logits, targets, g_logp, g_ent = make_problem(10 + rank // 2, num_tokens, vocab, 2)
+    shard = vocab // 2
+    local = logits[:, tp_rank * shard : (tp_rank + 1) * shard].clone().requires_grad_()
+    logp, ent = vocab_parallel_logprobs(local, targets, tp_group=tp_group, chunk_size=4, return_entropy=True)
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    want_logp, want_ent, want_grad = full_reference(logits, targets, g_logp, g_ent)
+    torch.testing.assert_close(logp.detach(), want_logp, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ent.detach(), want_ent, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(local.grad, want_grad[:, tp_rank * shard : (tp_rank + 1) * shard], rtol=RTOL, atol=ATOL)
+    return rank // 2, float(logp.detach().sum())
+
+
+def test_tp_subgroups_of_a_larger_world(gloo):
+    results = gloo.run(4, subgroup_run, 2 * 53, 11)
+    assert [g for g, _ in results] == [0, 0, 1, 1]
+    assert results[0][1] == results[1][1] and results[2][1] == results[3][1] and results[0][1] != results[2][1]
+
+
+def megatron_oracle_run(vocab, num_tokens):
+    """Second, independent oracle: Megatron-Core's own vocab_parallel_cross_entropy over its TP group."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    tp = dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    try:
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        logits, targets, g_logp, _ = make_problem(21, num_tokens, vocab, tp)
+        shard = vocab // tp
+        local = logits[:, rank * shard : (rank + 1) * shard]
+        ours = local.clone().requires_grad_()
+        theirs = local.clone().requires_grad_()
+        logp = vocab_parallel_logprobs(ours, targets, tp_group=parallel_state.get_tensor_model_parallel_group())
+        (logp * g_logp).sum().backward()
+        # Megatron's op overwrites its input in place: hand it a copy.
+        nll = tensor_parallel.vocab_parallel_cross_entropy(theirs.clone(), targets)
+        (-nll * g_logp).sum().backward()
+        torch.testing.assert_close(logp.detach(), -nll.detach(), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=RTOL, atol=ATOL)
+        return True
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_matches_megatron_vocab_parallel_cross_entropy(gloo, tp):
+    assert gloo.run(tp, megatron_oracle_run, tp * 97, 23) == [True] * tp

@@ -1,0 +1,1 @@
+"""Self-contained experiments that check the algorithm against known answers; each is a `python -m` entry point."""

@@ -71,7 +71,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             exp_z = torch.exp(z)
             stats_T3[s:e, 0] = exp_z.sum(dim=-1)
             if return_entropy:
-                stats_T3[s:e, 2] = torch.bmm(exp_z.unsqueeze(1), z.unsqueeze(2)).view(-1)
+                # In place into z (no third buffer); sum() reduces pairwise, which keeps the fp32 error
+                # of this V-term sum near log(V) ulps, where a bmm dot product accumulates ~sqrt(V) ulps.
+                stats_T3[s:e, 2] = z.mul_(exp_z).sum(dim=-1)
             del z, exp_z
         _all_reduce(stats_T3, dist.ReduceOp.SUM, tp_group)
 
