@@ -26,6 +26,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from megatron_gvpo.data.offline import OfflineDataConfig
+
 T = TypeVar("T")
 
 
@@ -171,11 +173,21 @@ class RunConfig:
     seed: int = 1234
     """Seed for parameter init, data order and sampling; the same seed gives the same run at every layout."""
     log_interval: int = 1
-    """Write a metrics record every this many optimizer steps."""
+    """Write a metrics record every this many rollout steps."""
+    save_interval: int = 0
+    """Checkpoint every this many rollout steps (and at the end); 0 saves only at the end."""
+    resume: bool = True
+    """Continue from the newest complete checkpoint in <dir>/checkpoints when there is one."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (<dir>/tensorboard) when it is installed."""
+    wandb_project: str = ""
+    """Also log to this wandb project when wandb is installed."""
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise ValueError(f"run.log_interval must be >= 1, got {self.log_interval}")
+        if self.save_interval < 0:
+            raise ValueError(f"run.save_interval must be >= 0, got {self.save_interval}")
 
 
 @dataclass
@@ -247,6 +259,42 @@ class AlgoConfig:
             raise ValueError(f"algo.loss_scale must be > 0, got {self.loss_scale}")
 
 
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = "configs/models/tiny_llama.json"
+    """Hugging Face model directory (config.json, safetensors weights, tokenizer files) or a config.json file.
+    The default is the embedded tiny CPU model."""
+    init: Literal["auto", "pretrained", "random"] = "auto"
+    """'pretrained' loads the directory's safetensors weights; 'random' initialises from the config alone with
+    run.seed (Hugging Face's initialisation, identical at every parallel layout); 'auto' is 'pretrained' for a
+    directory and 'random' for a config.json file, so pointing at a real model never trains from noise."""
+    tokenizer: str = ""
+    """Tokenizer directory; empty means `path` (when it is a directory)."""
+    dtype: DType = "float32"
+    """Parameter and compute dtype (bfloat16 on GPUs; CPUs run float32)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: Transformer Engine when importable ('auto') or required, else Megatron's local spec."""
+    seq_length: int = 512
+    """Padded sequence length (prompt + response) of every training micro-batch."""
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("model.path must name a Hugging Face model directory or config.json")
+        if self.init == "pretrained" and self.path.endswith(".json"):
+            raise ValueError(f"model.init='pretrained' needs a model directory with weights, model.path={self.path!r}")
+        if self.seq_length < 2:
+            raise ValueError(f"model.seq_length must be >= 2, got {self.seq_length}")
+
+    @property
+    def resolved_init(self) -> str:
+        if self.init != "auto":
+            return self.init
+        return "random" if self.path.endswith(".json") else "pretrained"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100
@@ -259,10 +307,23 @@ class TrainConfig:
     """Mini-batches per rollout batch; the authors use 4 (the first is on-policy, later ones trust-region)."""
     lr: float = 1e-6
     """Peak learning rate (Adam)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Decay after warm-up, over all remaining optimizer steps."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    logprob_chunk_size: int | None = None
+    """Tokens per chunk in the vocab-parallel log-prob kernel; None sizes chunks to 16 MiB buffers."""
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "optimizer_steps_per_rollout"):
@@ -272,6 +333,14 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.grad_clip < 0:
             raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"train.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        return self.steps * self.optimizer_steps_per_rollout
 
 
 @dataclass
@@ -280,12 +349,16 @@ class Config:
 
     run: RunConfig = field(default_factory=RunConfig)
     """Where outputs go and the seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Megatron parallel layout."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """GVPO hyper-parameters and the group strategy."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Batch sizes, optimizer and schedule."""
+    data: OfflineDataConfig = field(default_factory=OfflineDataConfig)
+    """Offline group data (prompts with scored responses); schema in megatron_gvpo/data/offline.py."""
 
     def validate(self) -> None:
         k, gbs, mbs = self.algo.group_size, self.train.global_batch_size, self.train.micro_batch_size

@@ -14,6 +14,7 @@ next task, so one broken test cannot poison the rest.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
@@ -21,7 +22,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
 class WorkerError(RuntimeError):
@@ -129,3 +130,27 @@ class GlooPool:
                 p.kill()
                 p.join()
         self._procs = []
+
+
+@contextlib.contextmanager
+def checkpoint_helpers_allowed() -> Iterator[None]:
+    """Let the torch_dist saver start its helper processes from a pool worker, and stop them afterwards.
+
+    The saver starts a spawn-context `Manager` (a results queue it keeps in a module global) and forks one
+    writer per file. Pool workers are daemon processes, and multiprocessing refuses children to daemons.
+    The flag only decides whether the worker's children are terminated rather than joined when it exits;
+    the saver joins its writers itself, and the Manager is shut down here, so nothing outlives the task.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    me = mp.current_process()
+    was_daemon = me.daemon
+    me.daemon = False
+    try:
+        yield
+    finally:
+        results_queue = filesystem_async._results_queue
+        if results_queue is not None:
+            results_queue._manager.shutdown()
+            filesystem_async._results_queue = None
+        me.daemon = was_daemon

@@ -145,6 +145,8 @@ def subgroup_run(vocab, num_tokens):
     torch.testing.assert_close(logp.detach(), want_logp, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(ent.detach(), want_ent, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(local.grad, want_grad[:, tp_rank * shard : (tp_rank + 1) * shard], rtol=RTOL, atol=ATOL)
+    for group in groups:  # the pool's workers persist: do not leave gloo groups (and their threads) behind
+        dist.destroy_process_group(group)
     return rank // 2, float(logp.detach().sum())
 
 
@@ -157,6 +159,8 @@ def test_tp_subgroups_of_a_larger_world(gloo):
 def megatron_oracle_run(vocab, num_tokens):
     """Second, independent oracle: Megatron-Core's own vocab_parallel_cross_entropy over its TP group."""
     from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_gvpo.megatron.parallel import destroy_parallel
 
     tp = dist.get_world_size()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -176,9 +180,37 @@ def megatron_oracle_run(vocab, num_tokens):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=RTOL, atol=ATOL)
         return True
     finally:
-        parallel_state.destroy_model_parallel()
+        destroy_parallel()
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_matches_megatron_vocab_parallel_cross_entropy(gloo, tp):
     assert gloo.run(tp, megatron_oracle_run, tp * 97, 23) == [True] * tp
+
+
+def padded_vocab_run(padded_vocab, true_vocab, num_tokens):
+    """Megatron pads the vocabulary for TP: columns >= true_vocab must take no probability mass and get zero
+    gradient, on every rank, including a rank whose whole shard is padding."""
+    tp, rank = dist.get_world_size(), dist.get_rank()
+    logits, _, g_logp, g_ent = make_problem(5, num_tokens, padded_vocab, tp)
+    targets = torch.randint(0, true_vocab, (num_tokens,), generator=torch.Generator().manual_seed(6))
+    shard = padded_vocab // tp
+    local = logits[:, rank * shard : (rank + 1) * shard].clone().requires_grad_()
+    logp, ent = vocab_parallel_logprobs(local, targets, tp_group=dist.group.WORLD, chunk_size=3,
+                                        return_entropy=True, vocab_size=true_vocab)
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    want_logp, want_ent, want_grad = full_reference(logits[:, :true_vocab], targets, g_logp, g_ent)
+    torch.testing.assert_close(logp.detach(), want_logp, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ent.detach(), want_ent, rtol=RTOL, atol=ATOL)
+    full_grad = torch.cat([want_grad, torch.zeros(num_tokens, padded_vocab - true_vocab)], dim=1)
+    torch.testing.assert_close(local.grad, full_grad[:, rank * shard : (rank + 1) * shard], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match=rf"targets\[0\] = {true_vocab} is outside the vocabulary \[0, {true_vocab}\)"):
+        vocab_parallel_logprobs(local, torch.full((num_tokens,), true_vocab), tp_group=dist.group.WORLD,
+                                vocab_size=true_vocab)
+    return True
+
+
+@pytest.mark.parametrize("padded_vocab, true_vocab", [(4 * 16, 4 * 16 - 5), (4 * 16, 2 * 16 - 3)])
+def test_padded_vocabulary_columns_are_excluded(gloo, padded_vocab, true_vocab):
+    """The second case leaves ranks 2 and 3 with nothing but padding."""
+    assert gloo.run(4, padded_vocab_run, padded_vocab, true_vocab, 13) == [True] * 4

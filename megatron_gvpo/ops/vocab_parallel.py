@@ -47,24 +47,29 @@ def _chunks(num_tokens: int, chunk_size: int):
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_TV, targets_T, tp_group, chunk_size, return_entropy):
+    def forward(ctx, logits_TV, targets_T, tp_group, chunk_size, return_entropy, vocab_size):
         num_tokens, vocab_local = logits_TV.shape
+        full_logits_TV = logits_TV
         # Half-precision logits are processed in fp32; fp64 stays fp64 (gradcheck, references).
         work = torch.promote_types(logits_TV.dtype, torch.float32)
         ctx.work_dtype = work
         rank, _ = _group_rank_size(tp_group)
+        # Columns past the true vocabulary (TP padding) are not tokens: they take no probability mass.
+        valid = max(0, min(vocab_local, vocab_size - rank * vocab_local))
+        ctx.valid_columns = valid
+        logits_TV = logits_TV[:, :valid]
         local_target_T = targets_T - rank * vocab_local
-        in_shard_T = (local_target_T >= 0) & (local_target_T < vocab_local)
+        in_shard_T = (local_target_T >= 0) & (local_target_T < valid)
         local_target_T = torch.where(in_shard_T, local_target_T, torch.zeros_like(local_target_T))
 
-        max_T = torch.empty(num_tokens, dtype=work, device=logits_TV.device)
-        for s, e in _chunks(num_tokens, chunk_size):
+        max_T = torch.full((num_tokens,), float("-inf"), dtype=work, device=logits_TV.device)
+        for s, e in _chunks(num_tokens if valid else 0, chunk_size):
             max_T[s:e] = logits_TV[s:e].max(dim=-1).values
         _all_reduce(max_T, dist.ReduceOp.MAX, tp_group)
 
         # Columns: sum exp(z), z at the target (0 off-shard), sum exp(z) * z; z = x - max.
         stats_T3 = torch.zeros(num_tokens, 3, dtype=work, device=logits_TV.device)
-        for s, e in _chunks(num_tokens, chunk_size):
+        for s, e in _chunks(num_tokens if valid else 0, chunk_size):
             z = logits_TV[s:e].to(work, copy=True).sub_(max_T[s:e, None])
             target_z = z.gather(1, local_target_T[s:e, None]).squeeze(1)
             stats_T3[s:e, 1] = torch.where(in_shard_T[s:e], target_z, torch.zeros_like(target_z))
@@ -82,7 +87,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         lse_T = max_T + log_sum_T
         entropy_T = log_sum_T - stats_T3[:, 2] / stats_T3[:, 0] if return_entropy else logp_T.new_zeros(0)
 
-        ctx.save_for_backward(logits_TV, local_target_T, in_shard_T, lse_T, entropy_T)
+        ctx.save_for_backward(full_logits_TV, local_target_T, in_shard_T, lse_T, entropy_T)
         ctx.chunk_size = chunk_size
         ctx.return_entropy = return_entropy
         logp_out, entropy_out = logp_T.to(logits_TV.dtype), entropy_T.to(logits_TV.dtype)
@@ -92,16 +97,18 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp_T, grad_entropy_T):
-        logits_TV, local_target_T, in_shard_T, lse_T, entropy_T = ctx.saved_tensors
+        full_logits_TV, local_target_T, in_shard_T, lse_T, entropy_T = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        grad_logits_TV = torch.empty_like(logits_TV)
+            return None, None, None, None, None, None
+        valid = ctx.valid_columns
+        full_grad_TV = (torch.empty_like if valid == full_logits_TV.shape[1] else torch.zeros_like)(full_logits_TV)
+        logits_TV, grad_logits_TV = full_logits_TV[:, :valid], full_grad_TV[:, :valid]
         work = ctx.work_dtype
         g_logp_T = grad_logp_T.to(work) if grad_logp_T is not None else None
         use_entropy = ctx.return_entropy and grad_entropy_T is not None
         g_ent_T = grad_entropy_T.to(work) if use_entropy else None
 
-        for s, e in _chunks(logits_TV.shape[0], ctx.chunk_size):
+        for s, e in _chunks(logits_TV.shape[0] if valid else 0, ctx.chunk_size):
             logp = logits_TV[s:e].to(work, copy=True).sub_(lse_T[s:e, None])
             p = torch.exp(logp)
             if use_entropy:
@@ -116,7 +123,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 grad.scatter_add_(1, local_target_T[s:e, None], onehot_grad[:, None])
             grad_logits_TV[s:e].copy_(grad)
             del logp, p, grad
-        return grad_logits_TV, None, None, None, None
+        return full_grad_TV, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -125,6 +132,7 @@ def vocab_parallel_logprobs(
     tp_group: dist.ProcessGroup | None = None,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    vocab_size: int | None = None,
 ):
     """log softmax(logits)[target] (and the entropy) for vocab-sharded logits, differentiable in `logits`.
 
@@ -135,6 +143,9 @@ def vocab_parallel_logprobs(
             no communication), not the default group.
         chunk_size: tokens processed at once; None fills `DEFAULT_CHUNK_BYTES` per fp32 work buffer.
         return_entropy: also return the entropy of the full (all-shard) distribution.
+        vocab_size: the true vocabulary size when the sharded logits include padding columns (Megatron pads
+            the vocabulary to a multiple of 128 * TP): ids >= vocab_size get no probability mass, exactly as
+            in the unpadded model. None: every column is a token.
 
     Returns:
         logp [...] in `logits.dtype`, or (logp, entropy) when `return_entropy`.
@@ -152,7 +163,11 @@ def vocab_parallel_logprobs(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _, tp_size = _group_rank_size(tp_group)
     vocab_local = logits.shape[-1]
-    vocab_size = vocab_local * tp_size
+    padded_size = vocab_local * tp_size
+    if vocab_size is None:
+        vocab_size = padded_size
+    elif not 0 < vocab_size <= padded_size:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_size}] ({vocab_local} per shard x {tp_size})")
     flat_targets = targets.reshape(-1)
     bad = (flat_targets < 0) | (flat_targets >= vocab_size)
     if bad.any():
@@ -165,7 +180,7 @@ def vocab_parallel_logprobs(
         chunk_size = max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab_local, 1)))
     logits_TV = logits.reshape(-1, vocab_local)
     logp_T, entropy_T = _VocabParallelLogprobs.apply(
-        logits_TV, flat_targets.to(torch.long), tp_group, chunk_size, return_entropy
+        logits_TV, flat_targets.to(torch.long), tp_group, chunk_size, return_entropy, vocab_size
     )
     logp = logp_T.view(targets.shape)
     if return_entropy:

@@ -1,0 +1,1 @@
+"""Megatron-Core integration: the only package that touches megatron.core."""

@@ -1,0 +1,175 @@
+"""The policy on Megatron-Core: DDP-wrapped model chunks, optimizer and LR schedule, and the two operations the
+GVPO loop needs: sequence log-probs of a batch (forward only) and a training step on a batch.
+
+Every rank of every layout calls the same methods with the same global batch; each keeps its own share
+(pipeline stage, tensor shard, data-parallel rows). Results that only the last pipeline stage computes
+(log-probs, loss, metrics) are broadcast over the pipeline group, so every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_gvpo.algo import gvpo_metrics
+from megatron_gvpo.config import Config
+from megatron_gvpo.megatron.model import build_gpt_model, te_available, transformer_config
+from megatron_gvpo.megatron.parallel import ParallelContext
+from megatron_gvpo.megatron.step import LogprobSpec, compute_sequence_logprobs, forward_backward_gvpo
+from megatron_gvpo.megatron.weights import load_hf_weights
+from megatron_gvpo.models.arch import Arch, padded_vocab_size
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def use_transformer_engine(impl: str) -> bool:
+    if impl == "auto":
+        return te_available()
+    return impl == "transformer_engine"
+
+
+def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor]):
+    """This rank's model chunks (one per virtual stage) with HF weights loaded; returns (chunks, TransformerConfig)."""
+    use_te = use_transformer_engine(cfg.model.transformer_impl)
+    p = cfg.parallel
+    config = transformer_config(
+        arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, params_dtype=DTYPES[cfg.model.dtype], use_te=use_te
+    )
+    padded = padded_vocab_size(arch.vocab_size, p.tp)
+    chunks = [
+        build_gpt_model(
+            arch, config, padded_vocab_size=padded, max_sequence_length=cfg.model.seq_length,
+            pre_process=ctx.is_first_stage(v), post_process=ctx.is_last_stage(v),
+            vp_stage=v if p.vpp else None, use_te=use_te,
+        )
+        for v in range(ctx.num_model_chunks)
+    ]
+    load_hf_weights(chunks, arch, hf_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, padded_vocab_size=padded)
+    return chunks, config
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    """True when the gradient was not finite and the update was not applied."""
+    metrics: dict[str, float]
+
+
+class MegatronEngine:
+    """Policy (trained) and, for `algo.reference` 'frozen' / 'refresh', a separate reference copy."""
+
+    def __init__(self, cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor]):
+        self.cfg, self.arch, self.ctx = cfg, arch, ctx
+        chunks, self.config = build_chunks(cfg, arch, ctx, hf_state)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.train.distributed_optimizer,
+        )
+        # Only the first chunk gets buckets: Megatron's rule for virtual pipeline stages.
+        self.chunks = [
+            DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        t = cfg.train
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.grad_clip,
+                bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
+                params_dtype=DTYPES[cfg.model.dtype], use_distributed_optimizer=t.distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        total = t.total_optimizer_steps
+        self.scheduler = OptimizerParamScheduler(
+            # Warm-up starts at lr / (warmup + 1) so that the first step already updates (Megatron's default
+            # init_lr = 0 spends step 1 at lr 0).
+            self.optimizer, init_lr=t.lr / (t.lr_warmup_steps + 1), max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=max(total, t.lr_warmup_steps + 1),
+            lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+            wd_incr_steps=max(total, 1), wd_incr_style="constant",
+        )
+        self.logprobs = LogprobSpec(tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=t.logprob_chunk_size)
+        self.reference = None
+        if cfg.algo.reference != "old_policy":
+            self.reference, _ = build_chunks(cfg, arch, ctx, hf_state)
+            for c in self.reference:
+                c.requires_grad_(False)
+        self.skipped_steps = 0
+
+    # ---------------------------------------------------------------------------------------------------
+
+    def _broadcast_from_last_stage(self, t: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+        if self.ctx.pp_size == 1:
+            return t
+        if t is None:
+            t = torch.empty(shape, dtype=dtype)
+        dist.broadcast(t, src=dist.get_global_rank(self.ctx.pp_group, self.ctx.pp_size - 1), group=self.ctx.pp_group)
+        return t
+
+    @torch.no_grad()
+    def sequence_logprobs(self, batch: dict, *, reference: bool = False) -> torch.Tensor:
+        """[N] log pi(response | prompt) of every row under the policy (or the reference copy), on every rank."""
+        chunks = self.reference if (reference and self.reference is not None) else self.chunks
+        for c in chunks:
+            c.eval()
+        seq_logp = compute_sequence_logprobs(chunks, batch, self.ctx, self.cfg.train.micro_batch_size, self.logprobs)
+        for c in chunks:
+            c.train()
+        return self._broadcast_from_last_stage(seq_logp, (batch["tokens"].shape[0],), torch.float32)
+
+    @torch.no_grad()
+    def refresh_reference(self) -> None:
+        """Copy the policy's current weights into the reference copy (same layout, parameter by parameter)."""
+        if self.reference is None:
+            raise ValueError("refresh_reference needs algo.reference 'frozen' or 'refresh'")
+        for policy, ref in zip(self.chunks, self.reference):
+            for p_ref, p in zip(ref.parameters(), policy.module.parameters()):
+                p_ref.copy_(p)
+
+    def train_step(self, batch: dict) -> StepResult:
+        """One optimizer step on `batch` (whole groups, with `ref_seq_logp`). A non-finite gradient norm skips
+        the update (counted in `skipped_steps`); parameters and optimizer state stay as they were."""
+        a = self.cfg.algo
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = forward_backward_gvpo(
+            self.chunks, batch, self.ctx, micro_batch_size=self.cfg.train.micro_batch_size, beta=a.beta,
+            strategy=a.group_strategy, logprobs=self.logprobs, loss_scale=a.loss_scale,
+        )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        found_inf = self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        skipped = bool(found_inf) or not math.isfinite(grad_norm)
+        if skipped:
+            self.skipped_steps += 1
+            self.optimizer.zero_grad()
+        else:
+            self.optimizer.step()
+            self.scheduler.step(increment=1)
+
+        names = ("loss", "cov_reward_logp", "cov_logp_ref", "var_logp", "weight_abs_mean", "log_ratio_mean",
+                 "zero_variance_group_frac")
+        values = None
+        if out is not None:
+            m = gvpo_metrics(out["seq_logp"], batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], a.beta)
+            m["loss"] = torch.tensor(out["loss"])
+            values = torch.tensor([float(m[k]) for k in names], dtype=torch.float64)
+        values = self._broadcast_from_last_stage(values, (len(names),), torch.float64)
+        metrics = dict(zip(names, values.tolist()))
+        return StepResult(
+            loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr,
+            skipped=skipped, metrics=metrics,
+        )

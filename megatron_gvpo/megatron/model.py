@@ -1,0 +1,123 @@
+"""Model provider: a Megatron-Core `GPTModel` for an `Arch` (Llama, Qwen2, Mistral) on any TP/PP/VPP layout.
+
+One function translates the architecture plus the parallel layout into Megatron's `TransformerConfig`; one
+builds the model chunk of a pipeline stage. The layer spec is Transformer Engine's when TE is importable and
+asked for (production), Megatron's local spec otherwise (CPU machines). Nothing here reads Megatron's global
+parallel state: the caller says which stage it builds (`pre_process`, `post_process`, `vp_stage`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_gvpo.megatron.cpu_compat import CPU_TRANSFORMER_CONFIG
+from megatron_gvpo.models.arch import Arch
+
+
+@functools.cache
+def te_available() -> bool:
+    """Whether Transformer Engine imports. On CPU machines the `transformer_engine` meta package raises
+    RuntimeError (not ImportError) at import, so both count as absent."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+def transformer_config(
+    arch: Arch,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    cp: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: bool = False,
+    **overrides,
+) -> TransformerConfig:
+    """Megatron's TransformerConfig for `arch` on a TP x PP (x VPP) x CP layout; `overrides` win."""
+    if use_te and not te_available():
+        raise ValueError(
+            "the Transformer Engine layer spec was requested but transformer_engine does not import; install it "
+            "(it ships in the NGC PyTorch container) or use the local spec"
+        )
+    if arch.num_attention_heads % tp or arch.num_query_groups % tp:
+        raise ValueError(
+            f"parallel.tp={tp} must divide num_attention_heads={arch.num_attention_heads} and "
+            f"num_key_value_heads={arch.num_query_groups}"
+        )
+    if arch.ffn_hidden_size % tp:
+        raise ValueError(f"parallel.tp={tp} must divide intermediate_size={arch.ffn_hidden_size}")
+    stages = pp * (vpp or 1)
+    if arch.num_layers % stages:
+        raise ValueError(
+            f"num_hidden_layers={arch.num_layers} must be divisible by parallel.pp * parallel.vpp = {stages}"
+        )
+    kwargs: dict = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+    )
+    if not torch.cuda.is_available():
+        kwargs.update(CPU_TRANSFORMER_CONFIG)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    arch: Arch,
+    config: TransformerConfig,
+    *,
+    padded_vocab_size: int,
+    max_sequence_length: int,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    use_te: bool = False,
+) -> GPTModel:
+    """The model chunk of one (virtual) pipeline stage."""
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,96 @@
+"""The one module that reads Megatron-Core's global `parallel_state`.
+
+`initialize_parallel` sets Megatron's process groups up for a layout and returns a `ParallelContext`: the
+groups and ranks everything else is handed explicitly. Code outside this module never calls
+`parallel_state.get_*`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_gvpo.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Process groups and ranks of this process in a TP x CP x DP x PP layout (Megatron order tp-cp-ep-dp-pp)."""
+
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    """Data-parallel ranks holding the same model shard (without CP)."""
+    dp_cp_group: dist.ProcessGroup
+    """Data- and context-parallel ranks: the group gradients are reduced over."""
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    cp_size: int
+    vpp_size: int | None
+
+    @property
+    def num_model_chunks(self) -> int:
+        return self.vpp_size or 1
+
+    def is_first_stage(self, vp_stage: int = 0) -> bool:
+        return self.pp_rank == 0 and vp_stage == 0
+
+    def is_last_stage(self, vp_stage: int | None = None) -> bool:
+        last_chunk = self.num_model_chunks - 1
+        return self.pp_rank == self.pp_size - 1 and (vp_stage is None or vp_stage == last_chunk)
+
+
+def initialize_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
+    """Create Megatron's groups for `parallel` on the already-initialised default process group.
+
+    Also seeds Megatron's model-parallel RNG tracker (`seed` plus offsets per TP/PP rank, as Megatron does).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialised before initialize_parallel")
+    parallel.data_parallel_size(dist.get_world_size())  # raises with the field names when it does not divide
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return current_context()
+
+
+def current_context() -> ParallelContext:
+    """The context of Megatron's current global state (after `initialize_parallel`)."""
+    ps = parallel_state
+    return ParallelContext(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        cp_size=ps.get_context_parallel_world_size(),
+        vpp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear Megatron's state down and destroy every process group but the default one.
+
+    Megatron's `destroy_model_parallel` only drops its references: the groups' backends (gloo keeps dozens of
+    threads per group) live on. A process that sets up many layouts (test workers, resharding tools) then
+    accumulates thousands of threads, and the forking checkpoint writer deadlocks in such a process.
+    """
+    parallel_state.destroy_model_parallel()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)

@@ -1,0 +1,233 @@
+"""Where Megatron meets GVPO: one `forward_step`, the heads that turn logits into a loss, and the passes.
+
+`forward_step(data_iterator, model, head=...)` is the function handed to Megatron's pipeline schedule: it
+runs the model chunk on a micro-batch and returns `(output, partial(head, micro_batch))`. On the last
+pipeline stage `output` is the vocab-parallel logits [b, s, V/tp] and the head computes token log-probs with
+`vocab_parallel_logprobs` (no vocabulary gather), sums them over response tokens and returns
+`(loss, metrics)` in Megatron's loss-function contract. Two heads:
+- `logprob_head`: no loss, reports sequence log-probs (reference / old-policy / pre-pass forward-only runs);
+- `gvpo_head`: the GVPO loss, for one of three exact group strategies (see `megatron_gvpo.data.batch`).
+
+Normalisation. Megatron divides every micro-batch loss by the number of micro-batches and DDP averages
+gradients over the data-parallel ranks. GVPO's normaliser is global (the number of groups of size >= 2 in
+the whole batch), so each micro-batch loss is multiplied by `num_microbatches * dp` before Megatron's two
+divisions: the summed gradient is then exactly the gradient of the global GVPO loss, for every split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Literal
+
+import torch
+import torch.distributed as dist
+
+from megatron_gvpo.algo import (
+    gvpo_loss,
+    gvpo_loss_with_group_stats,
+    gvpo_surrogate_loss,
+    gvpo_weights,
+    make_groups,
+    num_valid_groups,
+    sequence_logprob,
+)
+from megatron_gvpo.data.batch import split_microbatches
+from megatron_gvpo.megatron.parallel import ParallelContext
+from megatron_gvpo.ops import vocab_parallel_logprobs
+
+Head = Callable[[dict, torch.Tensor], tuple]
+
+
+def forward_step(data_iterator, model, *, head: Head):
+    """Megatron's forward-step contract: run this chunk on the next micro-batch, bind the head to it."""
+    mb = next(data_iterator)
+    output = model(mb["tokens"], mb["position_ids"], None)
+    return output, partial(head, mb)
+
+
+@dataclass(frozen=True)
+class LogprobSpec:
+    """How token log-probs are computed from the last stage's vocab-parallel logits."""
+
+    tp_group: dist.ProcessGroup | None
+    vocab_size: int
+    """True vocabulary size: Megatron's TP padding columns get no probability mass."""
+    chunk_size: int | None = None
+
+
+def sequence_logprobs(mb: dict, logits: torch.Tensor, spec: LogprobSpec) -> torch.Tensor:
+    """[b] log pi(response | prompt) from vocab-parallel logits [b, s, V_padded/tp]."""
+    token_logp = vocab_parallel_logprobs(
+        logits, mb["targets"], tp_group=spec.tp_group, chunk_size=spec.chunk_size, vocab_size=spec.vocab_size
+    )
+    return sequence_logprob(token_logp, mb["loss_mask"])
+
+
+def logprob_head(mb: dict, logits: torch.Tensor, *, spec: LogprobSpec):
+    seq_logp = sequence_logprobs(mb, logits, spec).detach()
+    return logits.sum() * 0.0, {"seq_logp": seq_logp, "row_index": mb["row_index"]}
+
+
+@dataclass(frozen=True)
+class GVPOLossSpec:
+    """Everything the GVPO head needs besides the micro-batch."""
+
+    beta: float
+    strategy: Literal["group_atomic", "allgather", "prepass"]
+    num_groups: int
+    """Groups with >= 2 responses in the global batch (the normaliser)."""
+    megatron_scale: float
+    """num_microbatches * dp, undoing Megatron's implicit averaging (module docstring)."""
+    logprobs: LogprobSpec
+    dp_group: dist.ProcessGroup | None
+    loss_scale: float = 1.0
+
+
+def _all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, x.contiguous(), group=group)
+    return torch.cat(out)
+
+
+def _allgather_group_stats(mb: dict, seq_logp: torch.Tensor, spec: GVPOLossSpec):
+    """Whole-group statistics for this micro-batch's rows from a detached all-gather across DP ranks, which
+    all run micro-batch m at the same time and together hold whole groups."""
+    d = (seq_logp - mb["ref_seq_logp"]).detach()
+    d_all = _all_gather_rows(d, spec.dp_group)
+    r_all = _all_gather_rows(mb["rewards"].to(d.dtype), spec.dp_group)
+    g_all = _all_gather_rows(mb["group_ids"], spec.dp_group)
+    groups = make_groups(g_all)
+    rank = dist.get_rank(spec.dp_group) if spec.dp_group is not None else 0
+    local = slice(rank * d.numel(), (rank + 1) * d.numel())
+    index = groups.index_N[local]
+    reward_centered = (r_all - groups.mean(r_all)[groups.index_N])[local]
+    return reward_centered, groups.mean(d_all)[index], groups.sizes_G[index]
+
+
+def gvpo_head(mb: dict, logits: torch.Tensor, *, spec: GVPOLossSpec):
+    seq_logp = sequence_logprobs(mb, logits, spec.logprobs)
+    scale = spec.loss_scale * spec.megatron_scale
+    if spec.strategy == "group_atomic":
+        loss = gvpo_loss(
+            seq_logp, mb["ref_seq_logp"], mb["rewards"], mb["group_ids"], spec.beta,
+            num_groups=spec.num_groups, scale=scale,
+        )
+    elif spec.strategy == "allgather":
+        reward_centered, mean_log_ratio, sizes = _allgather_group_stats(mb, seq_logp, spec)
+        loss = gvpo_loss_with_group_stats(
+            seq_logp, mb["ref_seq_logp"], reward_centered, mean_log_ratio, sizes, spec.beta,
+            num_groups=spec.num_groups, scale=scale,
+        )
+    elif spec.strategy == "prepass":
+        loss = gvpo_surrogate_loss(
+            seq_logp, mb["gvpo_weights"], mb["group_sizes"], spec.beta, num_groups=spec.num_groups, scale=scale
+        )
+    else:
+        raise ValueError(f"unknown group strategy {spec.strategy!r}")
+    # The surrogate's value is not the GVPO loss: the pre-pass reports that one.
+    reported = {} if spec.strategy == "prepass" else {"loss": loss.detach() / spec.megatron_scale}
+    return loss, {**reported, "seq_logp": seq_logp.detach(), "row_index": mb["row_index"]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Passes
+# --------------------------------------------------------------------------------------------------------
+
+
+def prepare_microbatches(batch: dict[str, torch.Tensor], ctx: ParallelContext, micro_batch_size: int) -> list[dict]:
+    """This DP rank's micro-batches with position ids and each row's index in the global batch."""
+    n, s = batch["tokens"].shape
+    full = {
+        **batch,
+        "row_index": torch.arange(n),
+        "position_ids": torch.arange(s).unsqueeze(0).expand(n, s),
+    }
+    return split_microbatches(full, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, micro_batch_size=micro_batch_size)
+
+
+def run_schedule(chunks: list, micro_batches: list[dict], head: Head, *, forward_only: bool) -> list[dict]:
+    """Megatron's forward-backward schedule over `micro_batches` (every pipeline stage passes the same list);
+    returns the heads' metric dicts on the last stage, [] elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seq_length = micro_batches[0]["tokens"].shape[1]
+    # Each virtual stage consumes the micro-batches in order through its own iterator.
+    iterators = [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, head=head),
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks,
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+
+
+def gather_rows(outputs: list[dict], key: str, num_rows: int, ctx: ParallelContext) -> torch.Tensor | None:
+    """Per-row values reported by the heads of every DP rank, in global row order (last stage; None elsewhere)."""
+    if not ctx.is_last_stage():
+        return None
+    rows = torch.cat([o["row_index"] for o in outputs])
+    values = torch.cat([o[key] for o in outputs])
+    rows, values = _all_gather_rows(rows, ctx.dp_group), _all_gather_rows(values, ctx.dp_group)
+    out = torch.full((num_rows,), float("nan"), dtype=values.dtype)
+    out[rows] = values
+    return out
+
+
+@torch.no_grad()
+def compute_sequence_logprobs(
+    chunks: list, batch: dict, ctx: ParallelContext, micro_batch_size: int, logprobs: LogprobSpec
+) -> torch.Tensor | None:
+    """[N] sequence log-probs of the whole batch under the current weights (forward only); last stage only."""
+    micro = prepare_microbatches(batch, ctx, micro_batch_size)
+    head = partial(logprob_head, spec=logprobs)
+    outputs = run_schedule(chunks, micro, head, forward_only=True)
+    return gather_rows(outputs, "seq_logp", batch["tokens"].shape[0], ctx)
+
+
+def forward_backward_gvpo(
+    chunks: list,
+    batch: dict,
+    ctx: ParallelContext,
+    *,
+    micro_batch_size: int,
+    beta: float,
+    strategy: str,
+    logprobs: LogprobSpec,
+    loss_scale: float = 1.0,
+) -> dict[str, float] | None:
+    """Accumulate the GVPO gradient of the whole batch into the chunks' grad buffers; return the loss and the
+    [N] sequence log-probs at the current weights (last stage, None elsewhere). `batch` must carry `ref_seq_logp`. Gradients are not reduced across DP here:
+    Megatron's `finalize_model_grads` (called by the schedule when configured) or the optimizer does that."""
+    n = batch["tokens"].shape[0]
+    num_groups = num_valid_groups(batch["group_ids"])
+    micro = prepare_microbatches(batch, ctx, micro_batch_size)
+    prepass_loss = None
+    if strategy == "prepass":
+        seq_logp = compute_sequence_logprobs(chunks, batch, ctx, micro_batch_size, logprobs)
+        if seq_logp is not None:
+            weights = gvpo_weights(seq_logp, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta)
+            sizes = make_groups(batch["group_ids"]).sample_sizes()
+            prepass_loss = gvpo_loss(seq_logp, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta,
+                                     scale=loss_scale)
+            for mb in micro:
+                mb["gvpo_weights"], mb["group_sizes"] = weights[mb["row_index"]], sizes[mb["row_index"]]
+    spec = GVPOLossSpec(
+        beta=beta, strategy=strategy, num_groups=num_groups, megatron_scale=len(micro) * ctx.dp_size,
+        logprobs=logprobs, dp_group=ctx.dp_group, loss_scale=loss_scale,
+    )
+    outputs = run_schedule(chunks, micro, partial(gvpo_head, spec=spec), forward_only=False)
+    if not ctx.is_last_stage():
+        return None
+    seq_logp = gather_rows(outputs, "seq_logp", n, ctx)
+    if prepass_loss is not None:
+        return {"loss": float(prepass_loss), "seq_logp": seq_logp}
+    local = torch.stack([o["loss"] for o in outputs]).sum()
+    if ctx.dp_size > 1:
+        dist.all_reduce(local, group=ctx.dp_group)
+    return {"loss": float(local), "seq_logp": seq_logp}

@@ -1,0 +1,69 @@
+"""Moving weights between Hugging Face tensors and the parameters of sharded Megatron model chunks.
+
+A chunk's parameter names are local: `decoder.layers.{j}` counts from 0 on every pipeline stage (and every
+virtual stage). The global layer index is the layer's `layer_number - 1`, which Megatron computes from the
+layout, so the same HF checkpoint loads into any TP/PP/VPP split. Full tensors come from the name maps in
+`megatron_gvpo.models.hf_maps`, TP slices from `megatron_gvpo.models.sharding`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Mapping
+
+import torch
+
+from megatron_gvpo.models.arch import Arch
+from megatron_gvpo.models.hf_maps import hf_to_megatron, local_spec_name
+from megatron_gvpo.models.sharding import shard
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EMBEDDING = "embedding.word_embeddings.weight"
+_OUTPUT = "output_layer.weight"
+
+
+def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global local-spec name, parameter) of one model chunk: layer indices made global, TE names mapped."""
+    model = getattr(chunk, "module", chunk)  # unwrap DDP / Float16Module wrappers
+    while hasattr(model, "module"):
+        model = model.module
+    layers = model.decoder.layers if hasattr(model, "decoder") else []
+    for name, param in model.named_parameters():
+        m = _LAYER.match(name)
+        if m:
+            global_index = layers[int(m.group(1))].layer_number - 1
+            name = f"decoder.layers.{global_index}." + name[m.end():]
+        yield local_spec_name(name), param
+
+
+@torch.no_grad()
+def load_hf_weights(
+    chunks: list[torch.nn.Module],
+    arch: Arch,
+    hf: Mapping[str, torch.Tensor],
+    *,
+    tp_rank: int,
+    tp_size: int,
+    padded_vocab_size: int,
+) -> int:
+    """Copy HF tensors into this rank's model chunks; return the number of parameters loaded.
+
+    Every parameter of every chunk must be covered; a shape mismatch names the parameter. With tied
+    embeddings the last pipeline stage's separate output layer is filled from the embedding.
+    """
+    params = dict(p for chunk in chunks for p in global_named_parameters(chunk))
+    tied_head = arch.tie_word_embeddings and _OUTPUT in params
+    needed = set(params) | ({_EMBEDDING} if tied_head else set())
+    full = dict(hf_to_megatron(arch, hf, padded_vocab_size, only=needed))
+    for name, param in params.items():
+        source = _EMBEDDING if (tied_head and name == _OUTPUT) else name
+        if source not in full:
+            raise ValueError(f"no HF tensor maps to Megatron parameter {name!r} (model_type={arch.model_type})")
+        value = shard(source, full[source], tp_rank, tp_size)
+        if value.shape != param.shape:
+            raise ValueError(
+                f"{name}: converted HF tensor has shape {tuple(value.shape)} on TP rank {tp_rank}/{tp_size}, "
+                f"the Megatron parameter has {tuple(param.shape)}"
+            )
+        param.copy_(value)
+    return len(params)

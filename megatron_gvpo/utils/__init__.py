@@ -1,0 +1,1 @@
+"""Small shared utilities: logging and metrics, process-group start-up."""

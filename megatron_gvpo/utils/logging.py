@@ -1,0 +1,99 @@
+"""One logger setup and one metrics sink for every entry point.
+
+- `get_logger()`: a `logging` logger whose lines carry the rank (`[rank 3]`), `warn_once` for advice that
+  would otherwise repeat every step.
+- `MetricsSink`: `metrics.jsonl` in the run directory always (one JSON object per record, flushed each
+  time so a killed run keeps everything logged so far); TensorBoard and wandb when installed and asked for.
+  Only rank 0 writes; other ranks get a sink that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_warned: set[str] = set()
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def get_logger(name: str = "megatron_gvpo") -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {_rank()}] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        get_logger().warning(message)
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them visible rather than dropping the record
+    return v
+
+
+class MetricsSink:
+    """Append-only metrics: jsonl always, TensorBoard / wandb optionally (rank 0 only)."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
+                 wandb_project: str = "", config: dict | None = None, append: bool = False):
+        self.enabled = enabled
+        self._tb = self._wandb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a" if append else "w")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warn_once("tensorboard requested but not installed (pip install tensorboard); logging to jsonl only")
+            else:
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                warn_once("wandb requested but not installed (pip install wandb); logging to jsonl only")
+            else:
+                self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
