@@ -45,6 +45,23 @@ def _chunks(num_tokens: int, chunk_size: int):
         yield start, min(start + chunk_size, num_tokens)
 
 
+def grad_logits_chunk(x, lse, entropy, g_logp, g_entropy, local_target, in_shard):
+    """Gradient of sum(g_logp * log p_target + g_entropy * H) w.r.t. one chunk of local logits x [C, V_local],
+    computed in x's buffer (which it overwrites) plus one more; no communication: with log p = x - lse,
+    d log p_t / dx = onehot(t) - p and dH / dx = -p * (log p + H)."""
+    logp = x.sub_(lse[:, None])
+    p = torch.exp(logp)
+    if g_entropy is not None:
+        grad = logp.add_(entropy[:, None]).mul_(p).mul_(-g_entropy[:, None])
+    else:
+        grad = logp.zero_()
+    if g_logp is not None:
+        grad.sub_(p.mul_(g_logp[:, None]))
+        onehot_grad = torch.where(in_shard, g_logp, torch.zeros_like(g_logp))
+        grad.scatter_add_(1, local_target[:, None], onehot_grad[:, None])
+    return grad
+
+
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TV, targets_T, tp_group, chunk_size, return_entropy, vocab_size):
@@ -109,21 +126,41 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         g_ent_T = grad_entropy_T.to(work) if use_entropy else None
 
         for s, e in _chunks(logits_TV.shape[0] if valid else 0, ctx.chunk_size):
-            logp = logits_TV[s:e].to(work, copy=True).sub_(lse_T[s:e, None])
-            p = torch.exp(logp)
-            if use_entropy:
-                # grad = -g_H * p * (log p + H), built in the log-prob buffer.
-                grad = logp.add_(entropy_T[s:e, None]).mul_(p).mul_(-g_ent_T[s:e, None])
-            else:
-                grad = logp.zero_()
-            if g_logp_T is not None:
-                g = g_logp_T[s:e]
-                grad.sub_(p.mul_(g[:, None]))
-                onehot_grad = torch.where(in_shard_T[s:e], g, torch.zeros_like(g))
-                grad.scatter_add_(1, local_target_T[s:e, None], onehot_grad[:, None])
+            grad = grad_logits_chunk(
+                logits_TV[s:e].to(work, copy=True), lse_T[s:e], entropy_T[s:e] if use_entropy else None,
+                g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
+                local_target_T[s:e], in_shard_T[s:e],
+            )
             grad_logits_TV[s:e].copy_(grad)
-            del logp, p, grad
+            del grad
         return full_grad_TV, None, None, None, None, None
+
+
+def check_targets(
+    targets: torch.Tensor, vocab_local: int, tp_group, vocab_size: int | None, chunk_size: int | None
+) -> tuple[torch.Tensor, int, int]:
+    """Validate the arguments shared by the log-prob ops; return (flat int64 targets, vocab size, chunk size)."""
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _, tp_size = _group_rank_size(tp_group)
+    padded_size = vocab_local * tp_size
+    if vocab_size is None:
+        vocab_size = padded_size
+    elif not 0 < vocab_size <= padded_size:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_size}] ({vocab_local} per shard x {tp_size})")
+    flat_targets = targets.reshape(-1)
+    bad = (flat_targets < 0) | (flat_targets >= vocab_size)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"targets[{i}] = {int(flat_targets[i])} is outside the vocabulary [0, {vocab_size}) "
+            f"({vocab_local} per shard x {tp_size} shards)"
+        )
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab_local, 1)))
+    return flat_targets.to(torch.long), vocab_size, chunk_size
 
 
 def vocab_parallel_logprobs(
@@ -157,30 +194,11 @@ def vocab_parallel_logprobs(
         )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
-    if targets.is_floating_point() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    _, tp_size = _group_rank_size(tp_group)
     vocab_local = logits.shape[-1]
-    padded_size = vocab_local * tp_size
-    if vocab_size is None:
-        vocab_size = padded_size
-    elif not 0 < vocab_size <= padded_size:
-        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_size}] ({vocab_local} per shard x {tp_size})")
-    flat_targets = targets.reshape(-1)
-    bad = (flat_targets < 0) | (flat_targets >= vocab_size)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"targets[{i}] = {int(flat_targets[i])} is outside the vocabulary [0, {vocab_size}) "
-            f"({vocab_local} per shard x {tp_size} shards)"
-        )
-    if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab_local, 1)))
+    flat_targets, vocab_size, chunk_size = check_targets(targets, vocab_local, tp_group, vocab_size, chunk_size)
     logits_TV = logits.reshape(-1, vocab_local)
     logp_T, entropy_T = _VocabParallelLogprobs.apply(
-        logits_TV, flat_targets.to(torch.long), tp_group, chunk_size, return_entropy, vocab_size
+        logits_TV, flat_targets, tp_group, chunk_size, return_entropy, vocab_size
     )
     logp = logp_T.view(targets.shape)
     if return_entropy:

@@ -1,0 +1,135 @@
+"""Token log-probs (and entropy) straight from the last hidden states and the vocab-parallel output weight.
+
+`fused_linear_logprobs(hidden [T, h], weight [V_local, h], targets [T])` equals
+`vocab_parallel_logprobs(hidden @ weight.T, targets)` without the [T, V_local] logits ever existing: logits
+are formed `chunk_size` tokens at a time, reduced to four per-token statistics and dropped, and formed again
+chunk by chunk in backward. The forward is one pass: each chunk keeps its LOCAL max, and the statistics are
+rescaled to the global max after one all-reduce MAX (online softmax), then summed with one all-reduce SUM.
+
+Memory beyond the inputs: two fp32 [chunk, V_local] buffers, the [T, h] hidden gradient and the [V_local, h]
+weight gradient (both needed anyway). This removes the anchors' most reported OOM: a 8192-token sequence
+with a 128k vocabulary has 4 GiB of fp32 logits per TP rank before any softmax.
+
+Tensor parallelism: `hidden` is replicated over the TP group (the input of Megatron's column-parallel output
+layer), so its gradient is all-reduced over `tp_group` in backward, as Megatron's
+`copy_to_tensor_model_parallel_region` would. Sequence parallelism is not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_gvpo.ops.vocab_parallel import _all_reduce, _chunks, _group_rank_size, check_targets, grad_logits_chunk
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_Th, weight_Vh, targets_T, tp_group, chunk_size, return_entropy, vocab_size):
+        num_tokens = hidden_Th.shape[0]
+        vocab_local = weight_Vh.shape[0]
+        work = torch.promote_types(hidden_Th.dtype, torch.float32)
+        rank, _ = _group_rank_size(tp_group)
+        valid = max(0, min(vocab_local, vocab_size - rank * vocab_local))
+        w = weight_Vh[:valid]
+        local_target_T = targets_T - rank * vocab_local
+        in_shard_T = (local_target_T >= 0) & (local_target_T < valid)
+        local_target_T = torch.where(in_shard_T, local_target_T, torch.zeros_like(local_target_T))
+
+        # Per token, relative to the LOCAL max m: sum exp(x - m), sum exp(x - m) (x - m), and x at the target.
+        local_max_T = torch.full((num_tokens,), float("-inf"), dtype=work, device=hidden_Th.device)
+        sums_T3 = torch.zeros(num_tokens, 3, dtype=work, device=hidden_Th.device)
+        for s, e in _chunks(num_tokens if valid else 0, chunk_size):
+            z = (hidden_Th[s:e] @ w.T).to(work)
+            target_x = z.gather(1, local_target_T[s:e, None]).squeeze(1)
+            sums_T3[s:e, 2] = torch.where(in_shard_T[s:e], target_x, torch.zeros_like(target_x))
+            local_max_T[s:e] = z.max(dim=-1).values
+            z.sub_(local_max_T[s:e, None])
+            exp_z = torch.exp(z)
+            sums_T3[s:e, 0] = exp_z.sum(dim=-1)
+            if return_entropy:
+                sums_T3[s:e, 1] = z.mul_(exp_z).sum(dim=-1)
+            del z, exp_z
+
+        max_T = local_max_T.clone()
+        _all_reduce(max_T, dist.ReduceOp.MAX, tp_group)
+        # Rescale to the global max; a shard with no valid column (local max -inf) contributes nothing.
+        has = sums_T3[:, 0] > 0
+        shift = torch.where(has, local_max_T - max_T, torch.zeros_like(max_T))
+        scale = torch.where(has, torch.exp(shift), torch.zeros_like(max_T))
+        stats_T3 = torch.stack(
+            [
+                sums_T3[:, 0] * scale,
+                scale * (sums_T3[:, 1] + shift * sums_T3[:, 0]),
+                torch.where(in_shard_T, sums_T3[:, 2] - max_T, torch.zeros_like(max_T)),
+            ],
+            dim=1,
+        )
+        _all_reduce(stats_T3, dist.ReduceOp.SUM, tp_group)
+        log_sum_T = stats_T3[:, 0].log()
+        logp_T = stats_T3[:, 2] - log_sum_T
+        lse_T = max_T + log_sum_T
+        entropy_T = log_sum_T - stats_T3[:, 1] / stats_T3[:, 0] if return_entropy else logp_T.new_zeros(0)
+
+        ctx.save_for_backward(hidden_Th, weight_Vh, local_target_T, in_shard_T, lse_T, entropy_T)
+        ctx.tp_group, ctx.chunk_size, ctx.return_entropy = tp_group, chunk_size, return_entropy
+        ctx.valid_columns, ctx.work_dtype = valid, work
+        logp_out, entropy_out = logp_T.to(hidden_Th.dtype), entropy_T.to(hidden_Th.dtype)
+        if not return_entropy:
+            ctx.mark_non_differentiable(entropy_out)
+        return logp_out, entropy_out
+
+    @staticmethod
+    def backward(ctx, grad_logp_T, grad_entropy_T):
+        hidden_Th, weight_Vh, local_target_T, in_shard_T, lse_T, entropy_T = ctx.saved_tensors
+        valid, work = ctx.valid_columns, ctx.work_dtype
+        w = weight_Vh[:valid]
+        g_logp_T = grad_logp_T.to(work) if grad_logp_T is not None else None
+        use_entropy = ctx.return_entropy and grad_entropy_T is not None
+        g_ent_T = grad_entropy_T.to(work) if use_entropy else None
+        grad_hidden = torch.zeros(hidden_Th.shape, dtype=work, device=hidden_Th.device)
+        grad_weight = torch.zeros(weight_Vh.shape, dtype=work, device=weight_Vh.device)
+        for s, e in _chunks(hidden_Th.shape[0] if valid else 0, ctx.chunk_size):
+            h = hidden_Th[s:e].to(work)
+            grad = grad_logits_chunk(
+                h @ w.to(work).T, lse_T[s:e], entropy_T[s:e] if use_entropy else None,
+                g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
+                local_target_T[s:e], in_shard_T[s:e],
+            )
+            grad_hidden[s:e] = grad @ w.to(work)
+            grad_weight[:valid].addmm_(grad.T, h)
+            del grad
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
+        return grad_hidden.to(hidden_Th.dtype), grad_weight.to(weight_Vh.dtype), None, None, None, None, None
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+    vocab_size: int | None = None,
+):
+    """log softmax(hidden @ weight.T)[target] (and entropy) without materialising the logits.
+
+    Args:
+        hidden: [..., h] last hidden states, replicated over the TP group.
+        weight: [V_local, h] this rank's rows of the output layer (Megatron's `output_layer.weight`).
+        targets: [...] global token ids; tp_group / chunk_size / return_entropy / vocab_size as in
+            `vocab_parallel_logprobs`.
+    """
+    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"shapes do not fit: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} (want [V_local, "
+            f"{hidden.shape[-1]}]), targets {tuple(targets.shape)} (want {tuple(hidden.shape[:-1])})"
+        )
+    flat_targets, vocab_size, chunk_size = check_targets(targets, weight.shape[0], tp_group, vocab_size, chunk_size)
+    logp, entropy = _FusedLinearLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, tp_group, chunk_size,
+        return_entropy, vocab_size,
+    )
+    if return_entropy:
+        return logp.view(targets.shape), entropy.view(targets.shape)
+    return logp.view(targets.shape)
