@@ -92,7 +92,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         for s, e in _chunks(hidden_Th.shape[0] if valid else 0, ctx.chunk_size):
             h = hidden_Th[s:e].to(work)
             grad = grad_logits_chunk(
-                h @ w.to(work).T, lse_T[s:e], entropy_T[s:e] if use_entropy else None,
+                (h @ w.to(work).T).sub_(lse_T[s:e, None]), entropy_T[s:e] if use_entropy else None,
                 g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
                 local_target_T[s:e], in_shard_T[s:e],
             )

@@ -45,11 +45,10 @@ def _chunks(num_tokens: int, chunk_size: int):
         yield start, min(start + chunk_size, num_tokens)
 
 
-def grad_logits_chunk(x, lse, entropy, g_logp, g_entropy, local_target, in_shard):
-    """Gradient of sum(g_logp * log p_target + g_entropy * H) w.r.t. one chunk of local logits x [C, V_local],
-    computed in x's buffer (which it overwrites) plus one more; no communication: with log p = x - lse,
+def grad_logits_chunk(logp, entropy, g_logp, g_entropy, local_target, in_shard):
+    """Gradient of sum(g_logp * log p_target + g_entropy * H) w.r.t. one chunk of local logits, given
+    logp = logits - lse [C, V_local] in a work buffer it overwrites (plus one more buffer); no communication:
     d log p_t / dx = onehot(t) - p and dH / dx = -p * (log p + H)."""
-    logp = x.sub_(lse[:, None])
     p = torch.exp(logp)
     if g_entropy is not None:
         grad = logp.add_(entropy[:, None]).mul_(p).mul_(-g_entropy[:, None])
@@ -87,7 +86,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         # Columns: sum exp(z), z at the target (0 off-shard), sum exp(z) * z; z = x - max.
         stats_T3 = torch.zeros(num_tokens, 3, dtype=work, device=logits_TV.device)
         for s, e in _chunks(num_tokens if valid else 0, chunk_size):
-            z = logits_TV[s:e].to(work, copy=True).sub_(max_T[s:e, None])
+            # Out of place: one pass over the chunk, promoted to the work dtype, input untouched.
+            z = torch.sub(logits_TV[s:e], max_T[s:e, None])
             target_z = z.gather(1, local_target_T[s:e, None]).squeeze(1)
             stats_T3[s:e, 1] = torch.where(in_shard_T[s:e], target_z, torch.zeros_like(target_z))
             exp_z = torch.exp(z)
@@ -127,7 +127,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
         for s, e in _chunks(logits_TV.shape[0] if valid else 0, ctx.chunk_size):
             grad = grad_logits_chunk(
-                logits_TV[s:e].to(work, copy=True), lse_T[s:e], entropy_T[s:e] if use_entropy else None,
+                torch.sub(logits_TV[s:e], lse_T[s:e, None]), entropy_T[s:e] if use_entropy else None,
                 g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
                 local_target_T[s:e], in_shard_T[s:e],
             )
