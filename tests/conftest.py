@@ -24,7 +24,9 @@ class _Pools:
 
     def close(self):
         for pool in self._pools.values():
-            pool.close()
+            pool.request_stop()
+        for pool in self._pools.values():
+            pool.join()
 
 
 @pytest.fixture(scope="session")

@@ -119,11 +119,19 @@ class GlooPool:
         return [results[r] for r in range(self.world_size)]
 
     def close(self) -> None:
+        self.request_stop()
+        self.join()
+
+    def request_stop(self) -> None:
+        """Ask every worker to leave (returns at once; `join` waits). Stopping all pools first, then joining,
+        lets their shutdowns overlap."""
         for q in getattr(self, "_tasks", []):
             try:
                 q.put(None)
             except (OSError, ValueError):
                 pass
+
+    def join(self) -> None:
         for p in self._procs:
             p.join(timeout=5)
             if p.is_alive():

@@ -7,7 +7,6 @@ group strategies. The loss value reported equals the reference loss too."""
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_gvpo.algo import gvpo_loss, sequence_logprob
 from megatron_gvpo.data.batch import check_group_layout, make_targets

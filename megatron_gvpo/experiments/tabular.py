@@ -214,7 +214,7 @@ def plot_curves(cfg: TabularConfig, records: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(cfg.samplers), figsize=(5 * len(cfg.samplers), 4), sharey=True, squeeze=False)
     colors = {"gvpo": "tab:blue", "grpo": "tab:red", "dr_grpo": "tab:orange", "dpo": "tab:green"}
-    for ax, sampler in zip(axes[0], cfg.samplers):
+    for ax, sampler in zip(axes[0], cfg.samplers, strict=True):
         for method in cfg.methods:
             for i, r in enumerate(x for x in records if x["method"] == method and x["sampler"] == sampler):
                 steps, kls = zip(*r["curve"])

@@ -134,8 +134,8 @@ class MegatronEngine:
         """Copy the policy's current weights into the reference copy (same layout, parameter by parameter)."""
         if self.reference is None:
             raise ValueError("refresh_reference needs algo.reference 'frozen' or 'refresh'")
-        for policy, ref in zip(self.chunks, self.reference):
-            for p_ref, p in zip(ref.parameters(), policy.module.parameters()):
+        for policy, ref in zip(self.chunks, self.reference, strict=True):
+            for p_ref, p in zip(ref.parameters(), policy.module.parameters(), strict=True):
                 p_ref.copy_(p)
 
     def train_step(self, batch: dict) -> StepResult:
@@ -168,7 +168,7 @@ class MegatronEngine:
             m["loss"] = torch.tensor(out["loss"])
             values = torch.tensor([float(m[k]) for k in names], dtype=torch.float64)
         values = self._broadcast_from_last_stage(values, (len(names),), torch.float64)
-        metrics = dict(zip(names, values.tolist()))
+        metrics = dict(zip(names, values.tolist(), strict=True))
         return StepResult(
             loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr,
             skipped=skipped, metrics=metrics,

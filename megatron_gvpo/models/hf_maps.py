@@ -166,7 +166,7 @@ def megatron_to_hf(
         if rule.megatron not in megatron:
             raise ValueError(f"Megatron state is missing tensor {rule.megatron!r}")
         outs = TRANSFORMS[rule.transform][1](arch, padded_vocab, megatron[rule.megatron])
-        yield from zip(rule.hf, outs)
+        yield from zip(rule.hf, outs, strict=True)
 
 
 def expected_hf_names(arch: Arch) -> set[str]:
