@@ -8,6 +8,8 @@ DDP, and one fixed batch of tokens split into the same micro-batches, the forwar
                `vocab_parallel_cross_entropy`; the loss is their masked mean over the response tokens;
     gvpo       `megatron_gvpo.megatron.step.forward_backward_gvpo`, group_strategy `group_atomic`
                (`ref_seq_logp` given);
+    gvpo (fused head)  the same with `train.fused_logprobs`: the model returns hidden states and
+               `fused_linear_logprobs` forms logits chunk by chunk (no [tokens, vocab] tensor);
     prepass    the same with group_strategy `prepass` (adds a forward-only pass over the batch first, so it
                is reported separately from the goal).
 
@@ -31,6 +33,7 @@ Run from the repository root (about two minutes at the defaults):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import os
@@ -199,6 +202,7 @@ def main() -> None:
     t_start = time.perf_counter()
     torch.manual_seed(0)
 
+    from megatron_gvpo.megatron.model import return_hidden_states
     from megatron_gvpo.megatron.step import LogprobSpec, compute_sequence_logprobs, prepare_microbatches
 
     validate_memory_measurement()
@@ -210,9 +214,21 @@ def main() -> None:
     batch["ref_seq_logp"] = policy + 0.5 * torch.randn(policy.shape, generator=torch.Generator().manual_seed(2))
     micro = prepare_microbatches(batch, ctx, s["mbs"])
 
+    fused_spec = dataclasses.replace(spec, fused=True)
+
+    def gvpo_fused():
+        # The same model returning hidden states for this step only (the instance-level forward override of
+        # return_hidden_states is removed again afterwards).
+        return_hidden_states(chunks[0].module)
+        try:
+            gvpo_step(chunks, batch, ctx, s["mbs"], fused_spec, "group_atomic")
+        finally:
+            del chunks[0].module.output_layer.forward
+
     methods = {
         "sft": lambda: sft_step(chunks, micro),
         "gvpo": lambda: gvpo_step(chunks, batch, ctx, s["mbs"], spec, "group_atomic"),
+        "gvpo (fused head)": gvpo_fused,
         "prepass": lambda: gvpo_step(chunks, batch, ctx, s["mbs"], spec, "prepass"),
     }
 

@@ -324,6 +324,9 @@ class TrainConfig:
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
     logprob_chunk_size: int | None = None
     """Tokens per chunk in the vocab-parallel log-prob kernel; None sizes chunks to 16 MiB buffers."""
+    fused_logprobs: bool = False
+    """Compute log-probs from the last hidden states and the output weight chunk by chunk
+    (`fused_linear_logprobs`): the [tokens, vocab] logits never exist. Same values and gradients."""
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "optimizer_steps_per_rollout"):

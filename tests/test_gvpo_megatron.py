@@ -53,14 +53,14 @@ def reference_grads(model_type, tied, batch):
     return float(loss), dict(hf_to_megatron(arch, grads, arch.vocab_size))
 
 
-def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes):
+def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes, fused=False):
     """Every rank: build its chunks, load HF weights, wrap in Megatron DDP, run forward_backward_gvpo; return
     the loss (last stage) and this rank's full-vocab-trimmed gradient shards by global name."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from megatron_gvpo.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
+    from megatron_gvpo.megatron.model import build_gpt_model, return_hidden_states, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.megatron.step import LogprobSpec, forward_backward_gvpo
     from megatron_gvpo.megatron.weights import global_named_parameters, load_hf_weights
@@ -79,6 +79,9 @@ def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes
             for v in range(ctx.num_model_chunks)
         ]
         load_hf_weights(chunks, arch, hf_model.state_dict(), tp_rank=ctx.tp_rank, tp_size=tp, padded_vocab_size=padded)
+        if fused:
+            for c in chunks:
+                return_hidden_states(c)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
         chunks = [
             DistributedDataParallel(config=config, ddp_config=ddp_config, module=c,
@@ -90,7 +93,7 @@ def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes
             c.zero_grad_buffer()
         batch = make_batch(group_sizes)
         check_group_layout(batch["group_ids"], ctx.dp_size, mbs, strategy)
-        logprobs = LogprobSpec(tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=5)
+        logprobs = LogprobSpec(tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=5, fused=fused)
         out = forward_backward_gvpo(chunks, batch, ctx, micro_batch_size=mbs, beta=BETA, strategy=strategy,
                                     logprobs=logprobs)
         grads = {}
@@ -146,6 +149,31 @@ def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs,
         scale = want.abs().max().clamp(min=1e-12)
         err = float((g - want).abs().max() / scale)
         assert err < 1e-5, f"{name}: max |grad - ref| / max |ref| = {err:.2e} ({tp=} {pp=} {vpp=} {dp=} {mbs=} {strategy})"
+
+
+@pytest.mark.parametrize(
+    "model_type, tied, tp, pp, dp, mbs, strategy",
+    [
+        ("llama", False, 1, 1, 1, 4, "group_atomic"),
+        ("llama", False, 2, 1, 1, 2, "prepass"),
+        ("qwen2", True, 1, 2, 1, 4, "group_atomic"),
+        ("llama", False, 2, 1, 2, 2, "allgather"),
+    ],
+)
+def test_fused_logprob_head_gives_the_same_gradient(gloo, model_type, tied, tp, pp, dp, mbs, strategy):
+    """`train.fused_logprobs`: the model returns hidden states and the head multiplies by the output weight
+    chunk by chunk; loss and every gradient (the output weight's included) equal the HF reference."""
+    group_sizes = [4, 4, 4, 4]
+    batch = make_batch(group_sizes)
+    ref_loss, ref = reference_grads(model_type, tied, batch)
+    results = gloo.run(tp * pp * dp, megatron_grads_run, model_type, tied, tp, pp, None, mbs, strategy,
+                       group_sizes, True)
+    for loss in (r[0] for r in results if r[0] is not None):
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+    got = assemble(results, tp)
+    for name, want in ref.items():
+        err = float((got[name][: want.shape[0]] - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        assert err < 1e-5, f"{name}: {err:.2e}"
 
 
 def test_tied_embeddings_across_pipeline_stages(gloo):

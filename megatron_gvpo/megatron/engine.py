@@ -20,7 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_gvpo.algo import gvpo_metrics
 from megatron_gvpo.config import Config
-from megatron_gvpo.megatron.model import build_gpt_model, te_available, transformer_config
+from megatron_gvpo.megatron.model import build_gpt_model, return_hidden_states, te_available, transformer_config
 from megatron_gvpo.megatron.parallel import ParallelContext
 from megatron_gvpo.megatron.step import LogprobSpec, compute_sequence_logprobs, forward_backward_gvpo
 from megatron_gvpo.megatron.weights import load_hf_weights
@@ -52,6 +52,9 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
         for v in range(ctx.num_model_chunks)
     ]
     load_hf_weights(chunks, arch, hf_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, padded_vocab_size=padded)
+    if cfg.train.fused_logprobs:
+        for chunk in chunks:
+            return_hidden_states(chunk)
     return chunks, config
 
 
@@ -100,7 +103,9 @@ class MegatronEngine:
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
             wd_incr_steps=max(total, 1), wd_incr_style="constant",
         )
-        self.logprobs = LogprobSpec(tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=t.logprob_chunk_size)
+        self.logprobs = LogprobSpec(
+            tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=t.logprob_chunk_size, fused=t.fused_logprobs
+        )
         self.reference = None
         if cfg.algo.reference != "old_policy":
             self.reference, _ = build_chunks(cfg, arch, ctx, hf_state)

@@ -9,6 +9,7 @@ parallel state: the caller says which stage it builds (`pre_process`, `post_proc
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -121,3 +122,30 @@ def build_gpt_model(
         rope_scaling_factor=arch.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+
+
+def _hidden_states_passthrough(self, input_, weight=None, runtime_gather_output=None):
+    return input_, None
+
+
+def return_hidden_states(model: GPTModel) -> None:
+    """Make a last-stage chunk return its final hidden states [b, s, h] instead of logits [b, s, V/tp].
+
+    For the fused log-prob head (`megatron_gvpo.ops.fused_linear_logprobs`), which multiplies by the output
+    weight chunk by chunk so the [tokens, vocab] logits never exist. Only the output layer's `forward` is
+    replaced (on this instance): parameter names, weight tying and checkpoints are unchanged.
+    """
+    if not model.post_process:
+        return
+    model.output_layer.forward = types.MethodType(_hidden_states_passthrough, model.output_layer)
+
+
+def output_weight(model) -> torch.Tensor | None:
+    """The output-layer weight [V/tp, h] of a last-stage chunk (the shared embedding when tied), else None."""
+    while hasattr(model, "module"):
+        model = model.module
+    if not getattr(model, "post_process", False):
+        return None
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight

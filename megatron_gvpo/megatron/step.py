@@ -34,16 +34,19 @@ from megatron_gvpo.algo import (
 )
 from megatron_gvpo.data.batch import split_microbatches
 from megatron_gvpo.megatron.parallel import ParallelContext
-from megatron_gvpo.ops import vocab_parallel_logprobs
+from megatron_gvpo.megatron.model import output_weight
+from megatron_gvpo.ops import fused_linear_logprobs, vocab_parallel_logprobs
 
-Head = Callable[[dict, torch.Tensor], tuple]
+Head = Callable[[dict, "torch.Tensor | None", torch.Tensor], tuple]
+"""head(micro_batch, output_weight, model_output) -> (loss, metrics)"""
 
 
 def forward_step(data_iterator, model, *, head: Head):
-    """Megatron's forward-step contract: run this chunk on the next micro-batch, bind the head to it."""
+    """Megatron's forward-step contract: run this chunk on the next micro-batch, bind the head to it (and,
+    on the last stage, the output weight the fused head multiplies the hidden states by)."""
     mb = next(data_iterator)
     output = model(mb["tokens"], mb["position_ids"], None)
-    return output, partial(head, mb)
+    return output, partial(head, mb, output_weight(model))
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,24 @@ class LogprobSpec:
     vocab_size: int
     """True vocabulary size: Megatron's TP padding columns get no probability mass."""
     chunk_size: int | None = None
+    fused: bool = False
+    """The model returns hidden states (`model.return_hidden_states`); log-probs come from
+    `fused_linear_logprobs` and the output weight, without logits."""
 
 
-def sequence_logprobs(mb: dict, logits: torch.Tensor, spec: LogprobSpec) -> torch.Tensor:
-    """[b] log pi(response | prompt) from vocab-parallel logits [b, s, V_padded/tp]."""
-    token_logp = vocab_parallel_logprobs(
-        logits, mb["targets"], tp_group=spec.tp_group, chunk_size=spec.chunk_size, vocab_size=spec.vocab_size
-    )
+def sequence_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | None, spec: LogprobSpec) -> torch.Tensor:
+    """[b] log pi(response | prompt) from vocab-parallel logits [b, s, V_padded/tp], or with `spec.fused` from
+    hidden states [b, s, h] and the output weight [V_padded/tp, h]."""
+    kwargs = dict(tp_group=spec.tp_group, chunk_size=spec.chunk_size, vocab_size=spec.vocab_size)
+    if spec.fused:
+        token_logp = fused_linear_logprobs(output, weight, mb["targets"], **kwargs)
+    else:
+        token_logp = vocab_parallel_logprobs(output, mb["targets"], **kwargs)
     return sequence_logprob(token_logp, mb["loss_mask"])
 
 
-def logprob_head(mb: dict, logits: torch.Tensor, *, spec: LogprobSpec):
-    seq_logp = sequence_logprobs(mb, logits, spec).detach()
+def logprob_head(mb: dict, weight, logits: torch.Tensor, *, spec: LogprobSpec):
+    seq_logp = sequence_logprobs(mb, logits, weight, spec).detach()
     return logits.sum() * 0.0, {"seq_logp": seq_logp, "row_index": mb["row_index"]}
 
 
@@ -107,8 +116,8 @@ def _allgather_group_stats(mb: dict, seq_logp: torch.Tensor, spec: GVPOLossSpec)
     return reward_centered, groups.mean(d_all)[index], groups.sizes_G[index]
 
 
-def gvpo_head(mb: dict, logits: torch.Tensor, *, spec: GVPOLossSpec):
-    seq_logp = sequence_logprobs(mb, logits, spec.logprobs)
+def gvpo_head(mb: dict, weight, logits: torch.Tensor, *, spec: GVPOLossSpec):
+    seq_logp = sequence_logprobs(mb, logits, weight, spec.logprobs)
     scale = spec.loss_scale * spec.megatron_scale
     if spec.strategy == "group_atomic":
         loss = gvpo_loss(
