@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import socket
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(REPO_ROOT))
 from megatron_gvpo.ops import vocab_parallel_logprobs  # noqa: E402
+from megatron_gvpo.utils.distributed import free_port  # noqa: E402
 
 LogprobFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -228,10 +228,7 @@ def init_megatron() -> None:
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     parallel_state.initialize_model_parallel(1, 1)
 
 

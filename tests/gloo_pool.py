@@ -18,21 +18,16 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
+from megatron_gvpo.utils.distributed import free_port
+
 
 class WorkerError(RuntimeError):
     """A task failed on one or more ranks; the message holds their tracebacks."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker_main(rank: int, world_size: int, port: int, tasks, results, timeout_s: float) -> None:
@@ -70,7 +65,7 @@ class GlooPool:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         # Workers read the environment at spawn; one thread each, or 2 cores thrash.

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_gvpo.megatron.engine import MegatronEngine
+from megatron_gvpo.megatron.model import unwrap
 
 _LATEST = "latest"
 _STATE = "trainer_state.pt"
@@ -30,8 +31,7 @@ _STATE = "trainer_state.pt"
 
 def _model_sharded_state_dict(chunks: list, prefix: str) -> dict:
     # DDP wraps the GPTModel; vp stages are saved under model0, model1, ... like Megatron-LM does.
-    return {f"{prefix}{i}": c.module.sharded_state_dict() if hasattr(c, "module") else c.sharded_state_dict()
-            for i, c in enumerate(chunks)}
+    return {f"{prefix}{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _sharded_state_dict(engine: MegatronEngine, is_loading: bool) -> dict:
@@ -162,7 +162,7 @@ def load_checkpoint(engine: MegatronEngine, path: str | Path) -> tuple[int, dict
     _initialise_optimizer_state(engine.optimizer)
     loaded = dist_checkpointing.load(_sharded_state_dict(engine, is_loading=True), str(path))
     for i, chunk in enumerate(engine.chunks):
-        (chunk.module if hasattr(chunk, "module") else chunk).load_state_dict(loaded[f"model{i}"])
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if engine.reference is not None:
         for i, chunk in enumerate(engine.reference):
             chunk.load_state_dict(loaded[f"reference{i}"])

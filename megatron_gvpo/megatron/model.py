@@ -140,10 +140,16 @@ def return_hidden_states(model: GPTModel) -> None:
     model.output_layer.forward = types.MethodType(_hidden_states_passthrough, model.output_layer)
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside Megatron's wrappers (DDP, Float16Module), or the chunk itself."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def output_weight(model) -> torch.Tensor | None:
     """The output-layer weight [V/tp, h] of a last-stage chunk (the shared embedding when tied), else None."""
-    while hasattr(model, "module"):
-        model = model.module
+    model = unwrap(model)
     if not getattr(model, "post_process", False):
         return None
     if model.share_embeddings_and_output_weights:

@@ -194,9 +194,14 @@ def compute_sequence_logprobs(
 ) -> torch.Tensor | None:
     """[N] sequence log-probs of the whole batch under the current weights (forward only); last stage only."""
     micro = prepare_microbatches(batch, ctx, micro_batch_size)
-    head = partial(logprob_head, spec=logprobs)
-    outputs = run_schedule(chunks, micro, head, forward_only=True)
-    return gather_rows(outputs, "seq_logp", batch["tokens"].shape[0], ctx)
+    return _microbatch_logprobs(chunks, micro, batch["tokens"].shape[0], ctx, logprobs)
+
+
+@torch.no_grad()
+def _microbatch_logprobs(chunks: list, micro: list[dict], num_rows: int, ctx: ParallelContext,
+                         logprobs: LogprobSpec) -> torch.Tensor | None:
+    outputs = run_schedule(chunks, micro, partial(logprob_head, spec=logprobs), forward_only=True)
+    return gather_rows(outputs, "seq_logp", num_rows, ctx)
 
 
 def forward_backward_gvpo(
@@ -218,7 +223,7 @@ def forward_backward_gvpo(
     micro = prepare_microbatches(batch, ctx, micro_batch_size)
     prepass_loss = None
     if strategy == "prepass":
-        seq_logp = compute_sequence_logprobs(chunks, batch, ctx, micro_batch_size, logprobs)
+        seq_logp = _microbatch_logprobs(chunks, micro, n, ctx, logprobs)  # the same split as the training pass
         if seq_logp is not None:
             weights = gvpo_weights(seq_logp, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta)
             sizes = make_groups(batch["group_ids"]).sample_sizes()

@@ -13,6 +13,7 @@ from typing import Iterator, Mapping
 
 import torch
 
+from megatron_gvpo.megatron.model import unwrap
 from megatron_gvpo.models.arch import Arch
 from megatron_gvpo.models.hf_maps import hf_to_megatron, local_spec_name
 from megatron_gvpo.models.sharding import shard
@@ -24,9 +25,7 @@ _OUTPUT = "output_layer.weight"
 
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(global local-spec name, parameter) of one model chunk: layer indices made global, TE names mapped."""
-    model = getattr(chunk, "module", chunk)  # unwrap DDP / Float16Module wrappers
-    while hasattr(model, "module"):
-        model = model.module
+    model = unwrap(chunk)
     layers = model.decoder.layers if hasattr(model, "decoder") else []
     for name, param in model.named_parameters():
         m = _LAYER.match(name)
