@@ -405,9 +405,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total {time.perf_counter() - start:.0f} s\n")
 
     report = format_header(args.tokens, repeats, args.quick, overwrites) + "\n\n" + format_table(rows) + "\n"
+    publish(report, Path(args.out) if args.out is not None else None)
+
+
+def publish(report: str, out: Path | None) -> None:
+    """Print a benchmark's Markdown report and write it to `out` (none: print only)."""
     print(report)
-    if args.out is not None:
-        out = Path(args.out)
+    if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(report)
         print(f"wrote {out}")

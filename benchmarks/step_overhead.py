@@ -6,17 +6,19 @@ DDP, and one fixed batch of tokens split into the same micro-batches, the forwar
 
     sft        the baseline: labels go into `GPTModel.forward`, which returns per-token losses from Megatron's
                `vocab_parallel_cross_entropy`; the loss is their masked mean over the response tokens;
-    gvpo       `megatron_gvpo.megatron.step.forward_backward_gvpo`, group_strategy `group_atomic`
-               (`ref_seq_logp` given);
-    gvpo (fused head)  the same with `train.fused_logprobs`: the model returns hidden states and
-               `fused_linear_logprobs` forms logits chunk by chunk (no [tokens, vocab] tensor);
-    prepass    the same with group_strategy `prepass` (adds a forward-only pass over the batch first, so it
-               is reported separately from the goal).
+    gvpo (fused head, default)  `megatron_gvpo.megatron.step.forward_backward_gvpo`, group_strategy
+               `group_atomic` (`ref_seq_logp` given), with `train.fused_logprobs` (the default): the model
+               returns hidden states and `fused_linear_logprobs` forms logits chunk by chunk for response
+               tokens only (no [tokens, vocab] tensor);
+    gvpo (logits head)  the same with `train.fused_logprobs=false`: the model returns logits and
+               `vocab_parallel_logprobs` reads them;
+    prepass    the fused head with group_strategy `prepass` (adds a forward-only pass over the batch first, so
+               it is reported separately from the goal).
 
-All three go through Megatron's `get_forward_backward_func` schedule. The optimizer step is not in the
+All of them go through Megatron's `get_forward_backward_func` schedule. The optimizer step is not in the
 measured region (there is no optimizer); the DDP grad buffers are zeroed before each step, outside the region.
-Timing: one warm-up step each, then `--repeats` rounds interleaved (sft, gvpo, prepass, sft, ...) so machine
-noise hits all three alike; the median is reported, as a ratio to sft. Memory: the extra peak allocated inside
+Timing: one warm-up step each, then `--repeats` rounds interleaved (sft, gvpo, ..., sft, ...) so machine
+noise hits all methods alike; the median is reported, as a ratio to sft. Memory: the extra peak allocated inside
 one step (activations, logits, gradients of the activations; the grad buffers are preallocated by DDP so
 parameter gradients are not counted), from the PyTorch profiler's allocator events, exactly as in
 `benchmarks/logprob_memory.py` (whose `measure_memory` is reused), also as a ratio to sft. A small breakdown
@@ -24,7 +26,10 @@ times the loss heads alone on one micro-batch of logits: Megatron's cross-entrop
 transpose it does internally) vs the GVPO head's `vocab_parallel_logprobs` (including the `[s,b,V] -> [b,s,V]`
 contiguous copy the model does when no labels are given).
 
-Run from the repository root (about two minutes at the defaults):
+Everything is measured twice, each time in a fresh process: with glibc's default allocator, and with glibc
+set to keep and reuse freed memory as PyTorch's CUDA caching allocator does (see `ALLOCATORS`).
+
+Run from the repository root (about three minutes at the defaults):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py            # writes benchmarks/results/step_overhead.md
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py --quick    # tiny sizes, 2 repeats, prints only
@@ -54,7 +59,7 @@ for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from logprob_memory import measure_memory, validate_memory_measurement  # noqa: E402
+from logprob_memory import measure_memory, publish, validate_memory_measurement  # noqa: E402
 
 FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, ffn=512, vocab=8192, rows=16, seq=256, mbs=4, group=4,
             repeats=5)
@@ -189,22 +194,23 @@ def head_breakdown(micro: dict, vocab: int, padded: int, repeats: int) -> dict[s
 # ------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, print only")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT}; none with --quick)")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args()
-    s = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        s["repeats"] = args.repeats
-    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    t_start = time.perf_counter()
-    torch.manual_seed(0)
+# Glibc settings under which freed CPU memory is kept and reused rather than returned to the OS: the
+# behaviour of PyTorch's CUDA caching allocator, under which production runs. With glibc's defaults every
+# large tensor is a fresh mmap whose pages fault on first touch, a cost a GPU step never pays and which
+# falls unevenly on methods with different allocation patterns. Both are measured and reported.
+ALLOCATORS = {
+    "glibc default": {},
+    "caching (as on GPU)": {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36),
+                            "MALLOC_TOP_PAD_": str(2**30)},
+}
 
+
+def measure(s: dict) -> dict:
+    """All measurements of one process (one allocator setting)."""
     from megatron_gvpo.megatron.model import return_hidden_states
     from megatron_gvpo.megatron.step import LogprobSpec, compute_sequence_logprobs, prepare_microbatches
 
+    torch.manual_seed(0)
     validate_memory_measurement()
     ctx, arch, chunks = setup(s)
     padded = chunks[0].module.vocab_size
@@ -227,9 +233,9 @@ def main() -> None:
 
     methods = {
         "sft": lambda: sft_step(chunks, micro),
-        "gvpo": lambda: gvpo_step(chunks, batch, ctx, s["mbs"], spec, "group_atomic"),
-        "gvpo (fused head)": gvpo_fused,
-        "prepass": lambda: gvpo_step(chunks, batch, ctx, s["mbs"], spec, "prepass"),
+        "gvpo (fused head, default)": gvpo_fused,
+        "gvpo (logits head)": lambda: gvpo_step(chunks, batch, ctx, s["mbs"], spec, "group_atomic"),
+        "prepass (fused head)": lambda: gvpo_fused_prepass(chunks, batch, ctx, s["mbs"], fused_spec),
     }
 
     def reset():
@@ -252,11 +258,64 @@ def main() -> None:
         reset()
         peaks[k], _ = measure_memory(fn)
     breakdown = head_breakdown(micro[0], arch.vocab_size, padded, s["repeats"])
+
+    import torch.distributed as dist
+
+    from megatron_gvpo.megatron.parallel import destroy_parallel
+
+    destroy_parallel()
+    dist.destroy_process_group()
+    return dict(times=times, peaks=peaks, breakdown=breakdown, padded=padded, vocab=arch.vocab_size,
+                num_micro=len(micro), params=sum(p.numel() for c in chunks for p in c.parameters()))
+
+
+def gvpo_fused_prepass(chunks, batch, ctx, mbs, spec):
+    from megatron_gvpo.megatron.model import return_hidden_states
+
+    return_hidden_states(chunks[0].module)
+    try:
+        gvpo_step(chunks, batch, ctx, mbs, spec, "prepass")
+    finally:
+        del chunks[0].module.output_layer.forward
+
+
+def run_child(allocator: str, args) -> dict:
+    """`measure` in a fresh interpreter with the allocator's environment (glibc reads it at start-up)."""
+    import json
+    import subprocess
+
+    env = {**os.environ, **ALLOCATORS[allocator], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, __file__, "--child"] + (["--quick"] if args.quick else [])
+    cmd += ["--repeats", str(args.repeats)] if args.repeats else []
+    print(f"[{allocator}] {' '.join(f'{k}={v}' for k, v in ALLOCATORS[allocator].items())} ...", flush=True)
+    out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, print only")
+    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT}; none with --quick)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    s = dict(QUICK if args.quick else FULL)
+    if args.repeats:
+        s["repeats"] = args.repeats
+    if args.child:
+        print(json.dumps(measure(s)))
+        return
+    out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
+    t_start = time.perf_counter()
+    results = {a: run_child(a, args) for a in ALLOCATORS}
     total = time.perf_counter() - t_start
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+    first = next(iter(results.values()))
+    methods = list(first["times"])
+    padded = first["padded"]
     logits_mb = s["mbs"] * s["seq"] * padded * 4
-    n_params = sum(p.numel() for c in chunks for p in c.parameters())
     lines = [
         "# GVPO step overhead vs SFT",
         "",
@@ -265,37 +324,37 @@ def main() -> None:
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, total runtime {total:.0f} s.",
         "",
         f"Megatron GPTModel (local spec, fp32, CPU, TP=PP=DP=1): hidden {s['hidden']}, {s['layers']} layers, "
-        f"{s['heads']} heads / {s['kv_heads']} kv heads, ffn {s['ffn']}, vocab {arch.vocab_size} "
-        f"({n_params / 1e6:.1f}M parameters). Batch {s['rows']} x {s['seq']} tokens (half prompt, half response), "
-        f"groups of {s['group']}, micro-batch {s['mbs']} ({len(micro)} micro-batches); one micro-batch of logits "
-        f"is {logits_mb / 2**20:.1f} MiB. Forward + backward + loss through Megatron's schedule, no optimizer step; "
-        f"median of {s['repeats']} interleaved repeats after a warm-up.",
+        f"{s['heads']} heads / {s['kv_heads']} kv heads, ffn {s['ffn']}, vocab {first['vocab']} "
+        f"({first['params'] / 1e6:.1f}M parameters). Batch {s['rows']} x {s['seq']} tokens (half prompt, half "
+        f"response), groups of {s['group']}, micro-batch {s['mbs']} ({first['num_micro']} micro-batches); one "
+        f"micro-batch of logits is {logits_mb / 2**20:.1f} MiB. Forward + backward + loss through Megatron's "
+        f"schedule, no optimizer step; median of {s['repeats']} interleaved repeats after a warm-up. SFT is "
+        "Megatron's own path (labels into `GPTModel`, `vocab_parallel_cross_entropy` over every token); the "
+        "fused GVPO head forms logits only for response tokens, which is all GVPO needs.",
         "",
-        f"| method ({GOAL}) | median time [s] | time / sft | extra peak memory [MiB] | memory / sft |",
-        "|---|---|---|---|---|",
+        "Each allocator setting runs in its own process. 'caching' sets glibc to keep and reuse freed memory, as "
+        "PyTorch's CUDA caching allocator does on the GPUs production runs on; under glibc's defaults every "
+        "large CPU tensor is a fresh mmap that page-faults on first touch.",
+        "",
+        f"| method ({GOAL}) | allocator | median time [s] | time / sft | extra peak memory [MiB] | memory / sft |",
+        "|---|---|---|---|---|---|",
     ]
-    for k in methods:
-        lines.append(
-            f"| {k} | {med[k]:.3f} | {med[k] / med['sft']:.3f}x | {peaks[k] / 2**20:.1f} | "
-            f"{peaks[k] / peaks['sft']:.3f}x |"
-        )
-    lines += ["", "All times [s]: " + "; ".join(f"{k}: " + ", ".join(f"{t:.3f}" for t in v) for k, v in times.items()),
-              "", f"Loss heads alone on one micro-batch of logits [{s['seq']}, {s['mbs']}, {padded}] "
-              f"(median of {s['repeats']}):", "", "| head | time [s] |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in breakdown.items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        print(f"wrote {out}")
-
-    import torch.distributed as dist
-
-    from megatron_gvpo.megatron.parallel import destroy_parallel
-
-    destroy_parallel()
-    dist.destroy_process_group()
+    for a, r in results.items():
+        med = {k: statistics.median(v) for k, v in r["times"].items()}
+        for k in methods:
+            lines.append(
+                f"| {k} | {a} | {med[k]:.3f} | {med[k] / med['sft']:.3f}x | {r['peaks'][k] / 2**20:.1f} | "
+                f"{r['peaks'][k] / r['peaks']['sft']:.3f}x |"
+            )
+    lines += ["", "All times [s]:", ""]
+    for a, r in results.items():
+        lines.append(f"- {a}: " + "; ".join(f"{k}: " + ", ".join(f"{t:.3f}" for t in v) for k, v in r["times"].items()))
+    lines += ["", f"Loss heads alone on one micro-batch of logits [{s['seq']}, {s['mbs']}, {padded}] "
+              f"(median of {s['repeats']}):", "", "| head | " + " | ".join(f"{a} [s]" for a in results) + " |",
+              "|---|" + "---|" * len(results)]
+    lines += [f"| {k} | " + " | ".join(f"{r['breakdown'][k]:.4f}" for r in results.values()) + " |"
+              for k in first["breakdown"]]
+    publish("\n".join(lines) + "\n", out)
 
 
 if __name__ == "__main__":

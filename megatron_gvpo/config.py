@@ -324,9 +324,13 @@ class TrainConfig:
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
     logprob_chunk_size: int | None = None
     """Tokens per chunk in the vocab-parallel log-prob kernel; None sizes chunks to 16 MiB buffers."""
-    fused_logprobs: bool = False
-    """Compute log-probs from the last hidden states and the output weight chunk by chunk
-    (`fused_linear_logprobs`): the [tokens, vocab] logits never exist. Same values and gradients."""
+    packing: Literal["padded", "thd"] = "padded"
+    """Model input layout: 'padded' rows, or 'thd' (each micro-batch's sequences packed into one row without
+    padding; Transformer Engine attention only)."""
+    fused_logprobs: bool = True
+    """Compute log-probs from the last hidden states and the output weight chunk by chunk, on response
+    tokens only (`fused_linear_logprobs`): the [tokens, vocab] logits never exist. Same values and gradients
+    as the unfused path (false: the model returns logits and `vocab_parallel_logprobs` reads them)."""
 
     def validate(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "optimizer_steps_per_rollout"):

@@ -70,3 +70,21 @@ def test_log_probs_only_and_bad_input():
         fused_linear_logprobs(hidden, weight[:, :4], targets)
     with pytest.raises(ValueError, match=r"targets\[0\] = 32 is outside the vocabulary \[0, 32\)"):
         fused_linear_logprobs(hidden, weight, torch.full((9,), 32))
+
+
+def test_bfloat16_inputs_use_fp32_softmax_and_keep_their_dtype():
+    """bf16 hidden states and weight (the GPU training dtype): matmuls in bf16 as Megatron's output layer runs
+    them, softmax statistics and gradient accumulation in fp32; outputs and gradients come back in bf16."""
+    hidden, weight, targets, g_logp, g_ent = problem(37, 16, 64, 61)
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16().requires_grad_()
+    logp, ent = fused_linear_logprobs(h, w, targets, chunk_size=8, return_entropy=True, vocab_size=61)
+    ((logp.float() * g_logp).sum() + (ent.float() * g_ent).sum()).backward()
+    assert logp.dtype == ent.dtype == h.grad.dtype == w.grad.dtype == torch.bfloat16
+    want_logp, want_ent, want_gh, want_gw = reference(hidden.bfloat16().float(), weight.bfloat16().float(), targets,
+                                                      61, g_logp, g_ent)
+    # bf16 logits carry ~3 significant digits; the reference sees the same rounded inputs in fp32.
+    torch.testing.assert_close(logp.float(), want_logp, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(ent.float(), want_ent, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(h.grad.float(), want_gh, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(w.grad.float(), want_gw, rtol=0.05, atol=0.05)

@@ -135,8 +135,12 @@ def test_logits_equal_hf_single_process(gloo, model_type, tied):
     assert diffs[0] is not None and diffs[0] < 1e-4
 
 
-@pytest.mark.parametrize("model_type, tied", [("llama", False), ("qwen2", True)])
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
+PARALLEL_CASES = [(m, t, tp, pp) for m, t in [("llama", False), ("qwen2", True)] for tp, pp in [(2, 1), (1, 2), (2, 2)]]
+# Mistral's explicit head_dim (24 != hidden / heads) is split over TP like every other family's heads.
+PARALLEL_CASES += [("mistral", False, 2, 1), ("mistral", False, 2, 2)]
+
+
+@pytest.mark.parametrize("model_type, tied, tp, pp", PARALLEL_CASES)
 def test_logits_equal_hf_parallel(gloo, model_type, tied, tp, pp):
     diffs = gloo.run(tp * pp, megatron_logits_run, model_type, tied, tp, pp)
     last_stage = [d for d in diffs if d is not None]

@@ -215,13 +215,11 @@ def test_config_validate_names_the_field(changes, message):
         OfflineDataConfig(path="x.jsonl", **changes).validate()
 
 
-def test_min_responses_and_vocab_check_on_text(tmp_path, tok):
+def test_min_responses_on_text(tmp_path, tok):
     path = _write(tmp_path / "d.jsonl", [GOOD_TEXT])
     with pytest.raises(ValueError, match=r"d\.jsonl:1: responses: 2 response\(s\), need at least min_responses=3"):
         load_groups(_cfg(path, min_responses=3), tok)
-    # The tokenizer's ids are checked against the model's vocabulary too ("=" is id 14).
-    with pytest.raises(ValueError, match=r"d\.jsonl:1: prompt: tokenizes to id 14 .* >= vocab_size 14"):
-        load_groups(_cfg(path), tok, vocab_size=14)
+    # A tokenizer larger than the model is refused before any row: test_tokenizer_larger_than_the_model...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,3 +400,51 @@ def test_make_tiny_assets_script(tmp_path):
                           "--heldout-prompts", "4", "--digits", "2"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("wrote") == 3 and (tmp_path / "a" / "heldout.jsonl").is_file()
+
+
+def test_tokenizer_larger_than_the_model_is_refused_at_start_up(tmp_path, tok):
+    """A tokenizer with ids the model has no embedding for fails before any row is read, naming both sizes,
+    for transformers and raw tokenizers alike; a model larger than its tokenizer (padded vocabulary) is fine."""
+    path = _write(tmp_path / "ok.jsonl", [{"prompt": "1+2=", "responses": [{"text": "3", "reward": 1}] * 2}])
+    n = len(tok)
+    for tokenizer in (tok, tok.backend_tokenizer):
+        with pytest.raises(ValueError, match=rf"tokenizer has {n} tokens .* vocab_size is {n - 1}"):
+            load_groups(_cfg(path, eos_token=tok.eos_token), tokenizer, vocab_size=n - 1)
+        groups, _ = load_groups(_cfg(path, eos_token=tok.eos_token), tokenizer, vocab_size=n + 100)
+        assert len(groups) == 1
+
+
+def test_datasets_sources_load_to_the_same_groups_as_jsonl(tmp_path, tok):
+    """A `save_to_disk` directory and a parquet file with the JSONL rows give the same groups; Arrow's nulls
+    (a text row's missing prompt_ids column, and the reverse) count as absent keys; errors name path[index]."""
+    import datasets
+
+    eos = tok.eos_token_id
+    rows = [
+        {"prompt": "12+34=", "responses": [{"text": "046", "reward": 1.0}, {"text": "047", "reward": 0.0}], "id": "a"},
+        {"prompt_ids": _ids(tok, "99+01="), "responses": [{"ids": _ids(tok, "100") + [eos], "reward": 1.0}] * 2},
+    ]
+    want, _ = load_groups(_cfg(_write(tmp_path / "rows.jsonl", rows)), tok)
+
+    def arrow_row(row):  # every column in every row, as a table has them
+        responses = [{"text": r.get("text"), "ids": r.get("ids"), "reward": r["reward"]} for r in row["responses"]]
+        return {"prompt": row.get("prompt"), "prompt_ids": row.get("prompt_ids"), "responses": responses,
+                "id": row.get("id")}
+
+    ds = datasets.Dataset.from_list([arrow_row(r) for r in rows])
+    ds.save_to_disk(str(tmp_path / "rows_ds"))
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    for source in ("rows_ds", "rows.parquet"):
+        got, stats = load_groups(_cfg(tmp_path / source), tok)
+        assert [(g.prompt_ids, g.response_ids, g.rewards) for g in got] == [
+            (g.prompt_ids, g.response_ids, g.rewards) for g in want
+        ]
+        assert got[1].source == f"{tmp_path / source}[1]" and stats.rows_kept == 2
+    nan_row = {"prompt": "1+1=", "responses": [{"text": "2", "reward": float("nan")}] * 2}
+    bad = datasets.Dataset.from_list([arrow_row(r) for r in rows + [nan_row]])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(ValueError, match=r"bad\.parquet\[2\]: responses\[0\]\.reward: .*finite"):
+        load_groups(_cfg(tmp_path / "bad.parquet"), tok)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(ValueError, match=r"holds splits \['train'\]; point it at one split's directory"):
+        load_groups(_cfg(tmp_path / "splits"), tok)

@@ -1,4 +1,4 @@
-"""Offline group dataset: a fixed JSONL file of prompts, each with several scored responses.
+"""Offline group dataset: a fixed set of prompts, each with several scored responses (JSONL or `datasets`).
 
 GVPO's optimum does not depend on the sampling distribution (gvpo-reference.md, Theorem 3.1), so a fixed
 dataset of k scored responses per prompt trains correctly with no importance weights: this is a first-class
@@ -38,6 +38,10 @@ A bad row raises ValueError("<path>:<line> (id=...): <field>: <what is wrong>") 
 message per reason is kept in `DataStats.first_error`. Errors that no row can fix (missing file, a text row
 with no tokenizer, no usable row at all) always raise.
 
+The same rows can come from a Hugging Face `datasets` source instead of JSONL: a `Dataset.save_to_disk`
+directory or a .parquet file, one row per prompt with the same keys (a null value counts as an absent key,
+since Arrow gives every row every column); errors then name `<path>[<row index>]`.
+
 Simplifications: the whole file is loaded into memory (the offline mode targets datasets of up to a few
 million responses), and no chat template is applied: put the formatted prompt text in "prompt".
 """
@@ -47,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -73,8 +77,8 @@ SKIP_REASONS = (
 @dataclass
 class OfflineDataConfig:
     path: str = ""
-    """JSONL file of prompts with scored responses (schema in the module docstring of data/offline.py);
-    required by load_groups."""
+    """Prompts with scored responses (schema in the module docstring of data/offline.py): a JSONL file, or a
+    Hugging Face `datasets` source: a `Dataset.save_to_disk` directory or a .parquet file. Required."""
     max_prompt_tokens: int = 512
     """Longest prompt in tokens; longer rows are bad rows (never truncated)."""
     max_response_tokens: int = 512
@@ -171,8 +175,10 @@ class _TokenizerAdapter:
         return self.encode_fn(text, add_special_tokens)
 
 
-def _adapt_tokenizer(tokenizer: Any, cfg: OfflineDataConfig) -> _TokenizerAdapter:
-    """Wrap a transformers tokenizer or a `tokenizers.Tokenizer`; resolve the EOS id when append_eos."""
+def _adapt_tokenizer(tokenizer: Any, cfg: OfflineDataConfig, vocab_size: int | None) -> _TokenizerAdapter:
+    """Wrap a transformers tokenizer or a `tokenizers.Tokenizer`; resolve the EOS id when append_eos; refuse a
+    tokenizer with more ids than the model has embeddings (a model larger than its tokenizer is common and fine:
+    vocabularies are padded)."""
     import tokenizers  # light; transformers is only touched through the object it made
 
     if isinstance(tokenizer, tokenizers.Tokenizer):
@@ -181,6 +187,7 @@ def _adapt_tokenizer(tokenizer: Any, cfg: OfflineDataConfig) -> _TokenizerAdapte
             return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
         vocab = tokenizer.get_vocab(with_added_tokens=True)
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
         default_eos = None
     elif hasattr(tokenizer, "encode") and hasattr(tokenizer, "get_vocab"):
         # transformers.PreTrainedTokenizerBase (duck-typed so this module does not import transformers).
@@ -188,10 +195,17 @@ def _adapt_tokenizer(tokenizer: Any, cfg: OfflineDataConfig) -> _TokenizerAdapte
             return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
         vocab = tokenizer.get_vocab()
+        size = len(tokenizer)  # includes added tokens, unlike tokenizer.vocab_size
         default_eos = getattr(tokenizer, "eos_token", None)
     else:
         raise ValueError(
             f"tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
+        )
+    if vocab_size is not None and size > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {size} tokens (added tokens included) but the model's vocab_size is {vocab_size}: "
+            f"ids {vocab_size}..{size - 1} have no embedding. Use the model's own tokenizer (model.tokenizer) or "
+            "resize the model's embeddings before training"
         )
     eos_id = None
     if cfg.append_eos:
@@ -365,29 +379,16 @@ def load_groups(
     """
     cfg.validate()
     if not cfg.path:
-        raise ValueError("data.path must name a JSONL file of groups, got an empty string")
-    path = Path(cfg.path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ValueError(f"cannot read data.path {cfg.path}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data.path {cfg.path} is not UTF-8 text: {e}") from e
-    adapter = _adapt_tokenizer(tokenizer, cfg) if tokenizer is not None else None
+        raise ValueError("data.path must name a JSONL file, a datasets directory or a .parquet file, got ''")
+    adapter = _adapt_tokenizer(tokenizer, cfg, vocab_size) if tokenizer is not None else None
 
     groups: list[Group] = []
     stats = DataStats()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for where, row in _records(cfg.path):
         stats.rows_read += 1
-        where = f"{cfg.path}:{lineno}"
-        row: Any = None
         try:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _BadRow("not_json", "row", f"not valid JSON ({e.msg} at column {e.colno})") from None
+            if isinstance(row, _BadRow):
+                raise row
             prompt_ids, response_ids, rewards = _parse_row(row, cfg, adapter, vocab_size, where)
         except _BadRow as bad:
             row_id = f" (id={row['id']!r})" if isinstance(row, dict) and "id" in row else ""
@@ -406,6 +407,59 @@ def load_groups(
         detail = "; ".join(stats.first_error.values()) or "the file has no rows"
         raise ValueError(f"{cfg.path}: no usable rows ({stats.summary()}): {detail}")
     return groups, stats
+
+
+def _records(path_str: str) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of a JSONL file (where = path:line; a line that is not JSON yields a
+    `_BadRow` as its row) or of a `datasets` source (where = path[index])."""
+    path = Path(path_str)
+    if path.is_dir() or path.suffix == ".parquet":
+        yield from _dataset_records(path)
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read data.path {path_str}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data.path {path_str} is not UTF-8 text: {e}") from e
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            row = _BadRow("not_json", "row", f"not valid JSON ({e.msg} at column {e.colno})")
+        yield f"{path_str}:{lineno}", row
+
+
+def _dataset_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(
+            f"data.path {path} is a datasets source but the `datasets` package is missing; install the pinned "
+            "requirements (requirements/cpu.txt) or convert it to JSONL"
+        ) from e
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except FileNotFoundError as e:
+        raise ValueError(f"cannot read data.path {path}: {e}") from e
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"data.path {path} holds splits {list(ds)}; point it at one split's directory")
+    for index, row in enumerate(ds):
+        yield f"{path}[{index}]", _drop_nulls(row)
+
+
+def _drop_nulls(value: Any) -> Any:
+    """Arrow tables have a column for every key any row has; a null there means the key is absent."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------

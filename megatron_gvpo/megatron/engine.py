@@ -20,7 +20,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_gvpo.algo import gvpo_metrics
 from megatron_gvpo.config import Config
-from megatron_gvpo.megatron.model import build_gpt_model, return_hidden_states, te_available, transformer_config
+from megatron_gvpo.megatron.model import (
+    build_gpt_model,
+    check_attention_support,
+    return_hidden_states,
+    te_available,
+    transformer_config,
+)
 from megatron_gvpo.megatron.parallel import ParallelContext
 from megatron_gvpo.megatron.step import LogprobSpec, compute_sequence_logprobs, forward_backward_gvpo
 from megatron_gvpo.megatron.weights import load_hf_weights
@@ -39,8 +45,11 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
     """This rank's model chunks (one per virtual stage) with HF weights loaded; returns (chunks, TransformerConfig)."""
     use_te = use_transformer_engine(cfg.model.transformer_impl)
     p = cfg.parallel
+    check_attention_support(use_te=use_te, cp=p.cp, packing=cfg.train.packing)
     config = transformer_config(
-        arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, params_dtype=DTYPES[cfg.model.dtype], use_te=use_te
+        arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, params_dtype=DTYPES[cfg.model.dtype], use_te=use_te,
+        # Packed micro-batches differ in length: pipeline stages exchange shapes before each message.
+        variable_seq_lengths=cfg.train.packing == "thd" and p.pp > 1,
     )
     padded = padded_vocab_size(arch.vocab_size, p.tp)
     chunks = [
@@ -104,7 +113,8 @@ class MegatronEngine:
             wd_incr_steps=max(total, 1), wd_incr_style="constant",
         )
         self.logprobs = LogprobSpec(
-            tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=t.logprob_chunk_size, fused=t.fused_logprobs
+            tp_group=ctx.tp_group, vocab_size=arch.vocab_size, cp_group=ctx.cp_group if ctx.cp_size > 1 else None,
+            packing=t.packing, chunk_size=t.logprob_chunk_size, fused=t.fused_logprobs,
         )
         self.reference = None
         if cfg.algo.reference != "old_policy":

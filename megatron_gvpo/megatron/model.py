@@ -31,6 +31,18 @@ def te_available() -> bool:
     return True
 
 
+def check_attention_support(*, use_te: bool, cp: int, packing: str) -> None:
+    """Context parallelism and packed (THD) sequences run in Transformer Engine's attention only; Megatron's
+    local attention would fail deep inside the first forward."""
+    wanted = [what for what, on in (("parallel.cp > 1", cp > 1), ("train.packing='thd'", packing == "thd")) if on]
+    if wanted and not use_te:
+        raise ValueError(
+            f"{' and '.join(wanted)} need Transformer Engine's attention, but the model uses Megatron's local "
+            "layer spec (transformer_engine does not import, or model.transformer_impl='local'); install "
+            "Transformer Engine (it ships in the NGC PyTorch container) or set parallel.cp=1 train.packing=padded"
+        )
+
+
 def transformer_config(
     arch: Arch,
     *,

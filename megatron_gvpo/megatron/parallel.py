@@ -25,12 +25,15 @@ class ParallelContext:
     """Data-parallel ranks holding the same model shard (without CP)."""
     dp_cp_group: dist.ProcessGroup
     """Data- and context-parallel ranks: the group gradients are reduced over."""
+    cp_group: dist.ProcessGroup
+    """Context-parallel ranks: they split every sequence and sum its log-prob."""
     tp_rank: int
     tp_size: int
     pp_rank: int
     pp_size: int
     dp_rank: int
     dp_size: int
+    cp_rank: int
     cp_size: int
     vpp_size: int | None
 
@@ -78,6 +81,8 @@ def current_context() -> ParallelContext:
         pp_size=ps.get_pipeline_model_parallel_world_size(),
         dp_rank=ps.get_data_parallel_rank(),
         dp_size=ps.get_data_parallel_world_size(),
+        cp_group=ps.get_context_parallel_group(),
+        cp_rank=ps.get_context_parallel_rank(),
         cp_size=ps.get_context_parallel_world_size(),
         vpp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
     )

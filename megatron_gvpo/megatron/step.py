@@ -9,9 +9,10 @@ pipeline stage `output` is the vocab-parallel logits [b, s, V/tp] and the head c
 - `gvpo_head`: the GVPO loss, for one of three exact group strategies (see `megatron_gvpo.data.batch`).
 
 Normalisation. Megatron divides every micro-batch loss by the number of micro-batches and DDP averages
-gradients over the data-parallel ranks. GVPO's normaliser is global (the number of groups of size >= 2 in
-the whole batch), so each micro-batch loss is multiplied by `num_microbatches * dp` before Megatron's two
-divisions: the summed gradient is then exactly the gradient of the global GVPO loss, for every split.
+gradients over the data- and context-parallel ranks. GVPO's normaliser is global (the number of groups of
+size >= 2 in the whole batch), so each micro-batch loss is multiplied by `num_microbatches * dp * cp` before
+Megatron's divisions: the summed gradient is then exactly the gradient of the global GVPO loss, for every
+split. (CP ranks hold different tokens of the same sequences, so their gradients add up.)
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from megatron_gvpo.algo import (
     gvpo_weights,
     make_groups,
     num_valid_groups,
-    sequence_logprob,
 )
 from megatron_gvpo.data.batch import split_microbatches
 from megatron_gvpo.megatron.parallel import ParallelContext
 from megatron_gvpo.megatron.model import output_weight
+from megatron_gvpo.megatron.seq_layout import SequenceLayout, cp_sum, layout_microbatch
 from megatron_gvpo.ops import fused_linear_logprobs, vocab_parallel_logprobs
 
 Head = Callable[[dict, "torch.Tensor | None", torch.Tensor], tuple]
@@ -45,7 +46,7 @@ def forward_step(data_iterator, model, *, head: Head):
     """Megatron's forward-step contract: run this chunk on the next micro-batch, bind the head to it (and,
     on the last stage, the output weight the fused head multiplies the hidden states by)."""
     mb = next(data_iterator)
-    output = model(mb["tokens"], mb["position_ids"], None)
+    output = model(mb["tokens"], mb["position_ids"], None, packed_seq_params=mb.get("packed_seq_params"))
     return output, partial(head, mb, output_weight(model))
 
 
@@ -56,6 +57,10 @@ class LogprobSpec:
     tp_group: dist.ProcessGroup | None
     vocab_size: int
     """True vocabulary size: Megatron's TP padding columns get no probability mass."""
+    cp_group: dist.ProcessGroup | None = None
+    """Context-parallel group: each rank holds part of every sequence (`seq_layout`); None without CP."""
+    packing: str = "padded"
+    """Sequence layout of the model input: 'padded' rows or 'thd' packed (`seq_layout`)."""
     chunk_size: int | None = None
     fused: bool = False
     """The model returns hidden states (`model.return_hidden_states`); log-probs come from
@@ -63,14 +68,22 @@ class LogprobSpec:
 
 
 def sequence_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | None, spec: LogprobSpec) -> torch.Tensor:
-    """[b] log pi(response | prompt) from vocab-parallel logits [b, s, V_padded/tp], or with `spec.fused` from
-    hidden states [b, s, h] and the output weight [V_padded/tp, h]."""
+    """[rows] log pi(response | prompt) of the micro-batch's rows, from vocab-parallel logits [b, t, V_padded/tp]
+    or, with `spec.fused`, from hidden states [b, t, h] and the output weight [V_padded/tp, h]. Token positions
+    map to rows through `mb["seq_index"]` (padded, packed or CP-split alike, see `seq_layout`); with CP the
+    per-rank partial sums are completed over the CP group."""
     kwargs = dict(tp_group=spec.tp_group, chunk_size=spec.chunk_size, vocab_size=spec.vocab_size)
+    scored = mb["loss_mask"].reshape(-1).nonzero().squeeze(1)
     if spec.fused:
-        token_logp = fused_linear_logprobs(output, weight, mb["targets"], **kwargs)
+        # Only scored (response) tokens enter the loss, and without logits nothing is wasted by skipping the
+        # rest: the output-layer matmuls (forward, recompute, two gradients) run on scored rows only.
+        hidden = output.reshape(-1, output.shape[-1]).index_select(0, scored)
+        token_logp = fused_linear_logprobs(hidden, weight, mb["targets"].reshape(-1)[scored], **kwargs)
     else:
-        token_logp = vocab_parallel_logprobs(output, mb["targets"], **kwargs)
-    return sequence_logprob(token_logp, mb["loss_mask"])
+        token_logp = vocab_parallel_logprobs(output, mb["targets"], **kwargs).reshape(-1)[scored]
+    rows = mb["seq_index"].reshape(-1)[scored]
+    partial_logp = token_logp.new_zeros(mb["row_index"].numel()).index_add(0, rows, token_logp)
+    return cp_sum(partial_logp, spec.cp_group)
 
 
 def logprob_head(mb: dict, weight, logits: torch.Tensor, *, spec: LogprobSpec):
@@ -87,7 +100,7 @@ class GVPOLossSpec:
     num_groups: int
     """Groups with >= 2 responses in the global batch (the normaliser)."""
     megatron_scale: float
-    """num_microbatches * dp, undoing Megatron's implicit averaging (module docstring)."""
+    """num_microbatches * dp * cp, undoing Megatron's implicit averaging (module docstring)."""
     logprobs: LogprobSpec
     dp_group: dist.ProcessGroup | None
     loss_scale: float = 1.0
@@ -146,23 +159,30 @@ def gvpo_head(mb: dict, weight, logits: torch.Tensor, *, spec: GVPOLossSpec):
 # --------------------------------------------------------------------------------------------------------
 
 
-def prepare_microbatches(batch: dict[str, torch.Tensor], ctx: ParallelContext, micro_batch_size: int) -> list[dict]:
-    """This DP rank's micro-batches with position ids and each row's index in the global batch."""
+def prepare_microbatches(
+    batch: dict[str, torch.Tensor], ctx: ParallelContext, micro_batch_size: int, packing: str = "padded"
+) -> list[dict]:
+    """This DP rank's micro-batches with each row's index in the global batch, laid out for the model
+    (`seq_layout`: padded or packed rows, this rank's part of each sequence under CP)."""
     n, s = batch["tokens"].shape
     full = {
         **batch,
         "row_index": torch.arange(n),
         "position_ids": torch.arange(s).unsqueeze(0).expand(n, s),
     }
-    return split_microbatches(full, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, micro_batch_size=micro_batch_size)
+    layout = SequenceLayout(packing=packing, cp_size=ctx.cp_size, cp_rank=ctx.cp_rank)
+    micro = split_microbatches(full, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, micro_batch_size=micro_batch_size)
+    return [layout_microbatch(mb, layout) for mb in micro]
 
 
-def run_schedule(chunks: list, micro_batches: list[dict], head: Head, *, forward_only: bool) -> list[dict]:
+def run_schedule(chunks: list, micro_batches: list[dict], head: Head, *, forward_only: bool, cp_size: int = 1) -> list[dict]:
     """Megatron's forward-backward schedule over `micro_batches` (every pipeline stage passes the same list);
     returns the heads' metric dicts on the last stage, [] elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    seq_length = micro_batches[0]["tokens"].shape[1]
+    # Megatron sizes pipeline messages as [seq_length / cp, micro_batch_size, hidden]; packed micro-batches
+    # differ in length, which the model config's variable_seq_lengths (set for THD) handles.
+    seq_length = max(mb["tokens"].shape[1] for mb in micro_batches) * cp_size
     # Each virtual stage consumes the micro-batches in order through its own iterator.
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
@@ -193,14 +213,15 @@ def compute_sequence_logprobs(
     chunks: list, batch: dict, ctx: ParallelContext, micro_batch_size: int, logprobs: LogprobSpec
 ) -> torch.Tensor | None:
     """[N] sequence log-probs of the whole batch under the current weights (forward only); last stage only."""
-    micro = prepare_microbatches(batch, ctx, micro_batch_size)
+    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing)
     return _microbatch_logprobs(chunks, micro, batch["tokens"].shape[0], ctx, logprobs)
 
 
 @torch.no_grad()
 def _microbatch_logprobs(chunks: list, micro: list[dict], num_rows: int, ctx: ParallelContext,
                          logprobs: LogprobSpec) -> torch.Tensor | None:
-    outputs = run_schedule(chunks, micro, partial(logprob_head, spec=logprobs), forward_only=True)
+    outputs = run_schedule(chunks, micro, partial(logprob_head, spec=logprobs), forward_only=True,
+                           cp_size=ctx.cp_size)
     return gather_rows(outputs, "seq_logp", num_rows, ctx)
 
 
@@ -216,11 +237,11 @@ def forward_backward_gvpo(
     loss_scale: float = 1.0,
 ) -> dict[str, float] | None:
     """Accumulate the GVPO gradient of the whole batch into the chunks' grad buffers; return the loss and the
-    [N] sequence log-probs at the current weights (last stage, None elsewhere). `batch` must carry `ref_seq_logp`. Gradients are not reduced across DP here:
-    Megatron's `finalize_model_grads` (called by the schedule when configured) or the optimizer does that."""
+    [N] sequence log-probs at the current weights (last stage, None elsewhere). `batch` must carry
+    `ref_seq_logp`. Gradients are not reduced across DP here: Megatron's `finalize_model_grads` (called by the schedule when configured) or the optimizer does that."""
     n = batch["tokens"].shape[0]
     num_groups = num_valid_groups(batch["group_ids"])
-    micro = prepare_microbatches(batch, ctx, micro_batch_size)
+    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing)
     prepass_loss = None
     if strategy == "prepass":
         seq_logp = _microbatch_logprobs(chunks, micro, n, ctx, logprobs)  # the same split as the training pass
@@ -232,10 +253,10 @@ def forward_backward_gvpo(
             for mb in micro:
                 mb["gvpo_weights"], mb["group_sizes"] = weights[mb["row_index"]], sizes[mb["row_index"]]
     spec = GVPOLossSpec(
-        beta=beta, strategy=strategy, num_groups=num_groups, megatron_scale=len(micro) * ctx.dp_size,
+        beta=beta, strategy=strategy, num_groups=num_groups, megatron_scale=len(micro) * ctx.dp_size * ctx.cp_size,
         logprobs=logprobs, dp_group=ctx.dp_group, loss_scale=loss_scale,
     )
-    outputs = run_schedule(chunks, micro, partial(gvpo_head, spec=spec), forward_only=False)
+    outputs = run_schedule(chunks, micro, partial(gvpo_head, spec=spec), forward_only=False, cp_size=ctx.cp_size)
     if not ctx.is_last_stage():
         return None
     seq_logp = gather_rows(outputs, "seq_logp", n, ctx)

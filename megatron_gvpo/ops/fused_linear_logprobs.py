@@ -6,8 +6,8 @@ are formed `chunk_size` tokens at a time, reduced to four per-token statistics a
 chunk by chunk in backward. The forward is one pass: each chunk keeps its LOCAL max, and the statistics are
 rescaled to the global max after one all-reduce MAX (online softmax), then summed with one all-reduce SUM.
 
-Memory beyond the inputs: two fp32 [chunk, V_local] buffers, the [T, h] hidden gradient and the [V_local, h]
-weight gradient (both needed anyway). This removes the anchors' most reported OOM: a 8192-token sequence
+Memory beyond the inputs: two fp32 [chunk, V_local] buffers allocated once per call and reused by every
+chunk, the [T, h] hidden gradient and the [V_local, h] weight gradient (both needed by any output layer). This removes the anchors' most reported OOM: a 8192-token sequence
 with a 128k vocabulary has 4 GiB of fp32 logits per TP rank before any softmax.
 
 Tensor parallelism: `hidden` is replicated over the TP group (the input of Megatron's column-parallel output
@@ -20,7 +20,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_gvpo.ops.vocab_parallel import _all_reduce, _chunks, _group_rank_size, check_targets, grad_logits_chunk
+from megatron_gvpo.ops.vocab_parallel import (
+    _all_reduce,
+    _chunks,
+    _group_rank_size,
+    check_targets,
+    grad_logits_chunk,
+    work_buffers,
+)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight.T into the work buffer `out` (the matmul in the inputs' dtype, then promoted)."""
+    if hidden.dtype == out.dtype:
+        return torch.matmul(hidden, weight.T, out=out)
+    return out.copy_(hidden @ weight.T)
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
@@ -39,17 +53,21 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         # Per token, relative to the LOCAL max m: sum exp(x - m), sum exp(x - m) (x - m), and x at the target.
         local_max_T = torch.full((num_tokens,), float("-inf"), dtype=work, device=hidden_Th.device)
         sums_T3 = torch.zeros(num_tokens, 3, dtype=work, device=hidden_Th.device)
+        if valid:
+            z_buf, exp_buf = work_buffers(min(chunk_size, num_tokens), valid, work, hidden_Th.device)
         for s, e in _chunks(num_tokens if valid else 0, chunk_size):
-            z = (hidden_Th[s:e] @ w.T).to(work)
+            z, exp_z = z_buf[: e - s], exp_buf[: e - s]
+            _chunk_logits(hidden_Th[s:e], w, out=z)
             target_x = z.gather(1, local_target_T[s:e, None]).squeeze(1)
             sums_T3[s:e, 2] = torch.where(in_shard_T[s:e], target_x, torch.zeros_like(target_x))
             local_max_T[s:e] = z.max(dim=-1).values
             z.sub_(local_max_T[s:e, None])
-            exp_z = torch.exp(z)
+            torch.exp(z, out=exp_z)
             sums_T3[s:e, 0] = exp_z.sum(dim=-1)
             if return_entropy:
                 sums_T3[s:e, 1] = z.mul_(exp_z).sum(dim=-1)
-            del z, exp_z
+        if valid:
+            del z_buf, exp_buf
 
         max_T = local_max_T.clone()
         _all_reduce(max_T, dist.ReduceOp.MAX, tp_group)
@@ -87,18 +105,25 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         g_logp_T = grad_logp_T.to(work) if grad_logp_T is not None else None
         use_entropy = ctx.return_entropy and grad_entropy_T is not None
         g_ent_T = grad_entropy_T.to(work) if use_entropy else None
+        num_tokens = hidden_Th.shape[0]
         grad_hidden = torch.zeros(hidden_Th.shape, dtype=work, device=hidden_Th.device)
         grad_weight = torch.zeros(weight_Vh.shape, dtype=work, device=weight_Vh.device)
-        for s, e in _chunks(hidden_Th.shape[0] if valid else 0, ctx.chunk_size):
-            h = hidden_Th[s:e].to(work)
+        if valid:
+            logp_buf, p_buf = work_buffers(min(ctx.chunk_size, num_tokens), valid, work, hidden_Th.device)
+        for s, e in _chunks(num_tokens if valid else 0, ctx.chunk_size):
+            h, logp = hidden_Th[s:e], logp_buf[: e - s]
+            _chunk_logits(h, w, out=logp).sub_(lse_T[s:e, None])
             grad = grad_logits_chunk(
-                (h @ w.to(work).T).sub_(lse_T[s:e, None]), entropy_T[s:e] if use_entropy else None,
+                logp, p_buf[: e - s], entropy_T[s:e] if use_entropy else None,
                 g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
                 local_target_T[s:e], in_shard_T[s:e],
             )
-            grad_hidden[s:e] = grad @ w.to(work)
-            grad_weight[:valid].addmm_(grad.T, h)
-            del grad
+            # Matmuls in the parameters' dtype (as Megatron's output layer runs them), accumulation in fp32.
+            if w.dtype == work:
+                torch.matmul(grad, w, out=grad_hidden[s:e])
+            else:
+                grad_hidden[s:e] = grad.to(w.dtype) @ w
+            grad_weight[:valid].addmm_(grad.T, h.to(work))
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
         return grad_hidden.to(hidden_Th.dtype), grad_weight.to(weight_Vh.dtype), None, None, None, None, None
 

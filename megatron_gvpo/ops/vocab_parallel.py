@@ -11,8 +11,9 @@ entropy of the full distribution) without ever gathering the full vocabulary:
               d log p_t / dx = onehot(t) - p,   dH / dx = -p * (log p + H).
 
 Memory: the input is never modified or copied whole. Work happens `chunk_size` tokens at a time in two fp32
-[chunk, V_local] buffers, in forward and again (recomputed) in backward; autograd keeps only a reference to
-the logits and two [T] fp32 vectors. The only full-size allocation is the gradient itself.
+[chunk, V_local] buffers allocated once per call, in forward and again (recomputed) in backward, where the
+gradient is formed in place in its own rows; autograd keeps only a reference to the logits and two [T] fp32
+vectors. The only full-size allocation is the gradient itself.
 Compare Megatron's `vocab_parallel_cross_entropy`, which overwrites its input (callers that reuse the logits
 must clone them) and offers no entropy, and plain `log_softmax` + gather, which keeps [T, V] fp32 alive.
 
@@ -45,11 +46,17 @@ def _chunks(num_tokens: int, chunk_size: int):
         yield start, min(start + chunk_size, num_tokens)
 
 
-def grad_logits_chunk(logp, entropy, g_logp, g_entropy, local_target, in_shard):
-    """Gradient of sum(g_logp * log p_target + g_entropy * H) w.r.t. one chunk of local logits, given
-    logp = logits - lse [C, V_local] in a work buffer it overwrites (plus one more buffer); no communication:
-    d log p_t / dx = onehot(t) - p and dH / dx = -p * (log p + H)."""
-    p = torch.exp(logp)
+def work_buffers(rows: int, cols: int, dtype, device, count: int = 2) -> list[torch.Tensor]:
+    """`count` [rows, cols] work buffers, allocated once per call and reused by every chunk through `out=`:
+    a fresh tensor per chunk costs an allocation and, on CPU, page faults on first touch of every page."""
+    return [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(count)]
+
+
+def grad_logits_chunk(logp, p, entropy, g_logp, g_entropy, local_target, in_shard):
+    """Gradient of sum(g_logp * log p_target + g_entropy * H) w.r.t. one chunk of local logits, written in
+    place over `logp` = logits - lse [C, V_local]; `p` is a [C, V_local] buffer it also overwrites. No
+    communication: d log p_t / dx = onehot(t) - p and dH / dx = -p * (log p + H)."""
+    torch.exp(logp, out=p)
     if g_entropy is not None:
         grad = logp.add_(entropy[:, None]).mul_(p).mul_(-g_entropy[:, None])
     else:
@@ -85,18 +92,22 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
         # Columns: sum exp(z), z at the target (0 off-shard), sum exp(z) * z; z = x - max.
         stats_T3 = torch.zeros(num_tokens, 3, dtype=work, device=logits_TV.device)
+        if valid:
+            z_buf, exp_buf = work_buffers(min(chunk_size, num_tokens), valid, work, logits_TV.device)
         for s, e in _chunks(num_tokens if valid else 0, chunk_size):
-            # Out of place: one pass over the chunk, promoted to the work dtype, input untouched.
-            z = torch.sub(logits_TV[s:e], max_T[s:e, None])
+            # Out of place into the work buffer: one pass over the chunk, promoted to the work dtype.
+            z, exp_z = z_buf[: e - s], exp_buf[: e - s]
+            torch.sub(logits_TV[s:e], max_T[s:e, None], out=z)
             target_z = z.gather(1, local_target_T[s:e, None]).squeeze(1)
             stats_T3[s:e, 1] = torch.where(in_shard_T[s:e], target_z, torch.zeros_like(target_z))
-            exp_z = torch.exp(z)
+            torch.exp(z, out=exp_z)
             stats_T3[s:e, 0] = exp_z.sum(dim=-1)
             if return_entropy:
                 # In place into z (no third buffer); sum() reduces pairwise, which keeps the fp32 error
                 # of this V-term sum near log(V) ulps, where a bmm dot product accumulates ~sqrt(V) ulps.
                 stats_T3[s:e, 2] = z.mul_(exp_z).sum(dim=-1)
-            del z, exp_z
+        if valid:
+            del z_buf, exp_buf
         _all_reduce(stats_T3, dist.ReduceOp.SUM, tp_group)
 
         log_sum_T = stats_T3[:, 0].log()
@@ -125,14 +136,22 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         use_entropy = ctx.return_entropy and grad_entropy_T is not None
         g_ent_T = grad_entropy_T.to(work) if use_entropy else None
 
-        for s, e in _chunks(logits_TV.shape[0] if valid else 0, ctx.chunk_size):
+        # The gradient is computed in place in its own rows when it has the work dtype (no copy, one buffer).
+        in_place = full_grad_TV.dtype == work
+        num_tokens = logits_TV.shape[0]
+        if valid:
+            p_buf, *rest = work_buffers(min(ctx.chunk_size, num_tokens), valid, work, logits_TV.device,
+                                        count=1 if in_place else 2)
+        for s, e in _chunks(num_tokens if valid else 0, ctx.chunk_size):
+            logp = grad_logits_TV[s:e] if in_place else rest[0][: e - s]
+            torch.sub(logits_TV[s:e], lse_T[s:e, None], out=logp)
             grad = grad_logits_chunk(
-                torch.sub(logits_TV[s:e], lse_T[s:e, None]), entropy_T[s:e] if use_entropy else None,
+                logp, p_buf[: e - s], entropy_T[s:e] if use_entropy else None,
                 g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
                 local_target_T[s:e], in_shard_T[s:e],
             )
-            grad_logits_TV[s:e].copy_(grad)
-            del grad
+            if not in_place:
+                grad_logits_TV[s:e].copy_(grad)
         return full_grad_TV, None, None, None, None, None
 
 
