@@ -273,6 +273,10 @@ class ModelConfig:
     directory and 'random' for a config.json file, so pointing at a real model never trains from noise."""
     tokenizer: str = ""
     """Tokenizer directory; empty means `path` (when it is a directory)."""
+    load: str = ""
+    """Megatron checkpoint whose model weights initialise the policy (and the reference): the output of
+    `tools/convert_hf.py import` or a training checkpoint, at any layout. `path` still gives the architecture
+    and tokenizer; `init` is then unused. Empty: weights come from `path` as `init` says."""
     dtype: DType = "float32"
     """Parameter and compute dtype (bfloat16 on GPUs; CPUs run float32)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"

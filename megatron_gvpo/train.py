@@ -41,7 +41,8 @@ def build(cfg: Config):
     ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
     arch = arch_from_hf(load_hf_config(cfg.model.path))
     arch.check_sequence_length(cfg.model.seq_length)
-    engine = MegatronEngine(cfg, arch, ctx, hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed))
+    hf_state = None if cfg.model.load else hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed)
+    engine = MegatronEngine(cfg, arch, ctx, hf_state)
     k = cfg.algo.group_size
     # Every group has exactly k responses: the first k of longer rows (an unbiased subset), shorter rows are bad.
     data_cfg = dataclasses.replace(cfg.data, min_responses=k, max_responses=k)

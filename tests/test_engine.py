@@ -105,6 +105,11 @@ def resume_run(overrides_first, overrides_second, directory, total_steps, stop_a
                 for step in range(start, stop_after if phase == 0 else total_steps):
                     batch["ref_seq_logp"] = engine.sequence_logprobs(batch)
                     history.append(engine.train_step(batch).loss)
+                    if engine.reference is not None:
+                        if step == 0:  # from now on the reference differs from the initial weights
+                            engine.refresh_reference()
+                        # ... so a resumed run shows whether it came back from the checkpoint
+                        history.append(float(engine.sequence_logprobs(batch, reference=True).sum()))
                 if phase == 0:
                     save_checkpoint(engine, directory, stop_after, {"cursor": stop_after})
             finally:
@@ -144,6 +149,8 @@ def _engine_for(overrides, total_steps=4):
         (["parallel.tp=2"], ["parallel.tp=2"]),
         (["parallel.tp=2"], ["parallel.pp=2"]),
         (["parallel.pp=2", "train.distributed_optimizer=true"], ["parallel.tp=2", "train.distributed_optimizer=true"]),
+        # A frozen reference is a second copy of the model in the same checkpoint.
+        (["algo.reference=frozen"], ["algo.reference=frozen", "parallel.tp=2"]),
     ],
 )
 def test_resume_continues_the_uninterrupted_run(gloo, tmp_path, first, second):
@@ -151,7 +158,7 @@ def test_resume_continues_the_uninterrupted_run(gloo, tmp_path, first, second):
     the uninterrupted run: model, optimizer moments and LR schedule all restored."""
     uninterrupted = gloo.run(2, resume_run, first, first, str(tmp_path / "a"), 4, 4)[0]
     resumed = gloo.run(2, resume_run, first, second, str(tmp_path / "b"), 4, 2)[0]
-    assert len(resumed) == 4
+    assert len(resumed) == (8 if "algo.reference=frozen" in first else 4)
     assert resumed == pytest.approx(uninterrupted, rel=1e-5)
     assert (tmp_path / "b" / "latest").read_text().strip() == "step_0000002"
     assert not list((tmp_path / "b").glob("*.tmp"))

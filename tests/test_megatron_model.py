@@ -68,14 +68,16 @@ def test_name_maps_round_trip(model_type, tied):
         assert torch.equal(back[name], hf[name]), name
 
 
-def megatron_logits_run(model_type, tied, tp, pp):
-    """On every rank: build this stage's chunk, load HF weights, run forward (through the pipeline schedule
-    when PP > 1), gather the vocab-parallel logits on the last stage and compare to HF."""
+def megatron_logits_run(model_type, tied, tp, pp, megatron_checkpoint=None):
+    """On every rank: build this stage's chunk, load HF weights (or the weights of a Megatron checkpoint made
+    from them), run forward (through the pipeline schedule when PP > 1), gather the vocab-parallel logits on
+    the last stage and compare to HF."""
     from functools import partial
 
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_gvpo.megatron.checkpoint import load_model_weights
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel
@@ -93,8 +95,11 @@ def megatron_logits_run(model_type, tied, tp, pp):
             arch, config, padded_vocab_size=padded, max_sequence_length=64,
             pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
         ).eval()
-        load_hf_weights([model], arch, hf_model.state_dict(), tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                        tp_size=tp, padded_vocab_size=padded)
+        if megatron_checkpoint is not None:
+            load_model_weights([model], megatron_checkpoint)
+        else:
+            load_hf_weights([model], arch, hf_model.state_dict(), tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                            tp_size=tp, padded_vocab_size=padded)
 
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
         pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)

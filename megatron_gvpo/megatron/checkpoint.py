@@ -3,6 +3,7 @@
 Layout of `<dir>/`:
     step_0000012/            one complete checkpoint (Megatron dist_checkpointing, torch_dist format)
         trainer_state.pt     step, scheduler, skipped steps, caller's state (data cursor, RNG), config
+        hf/                  the HF config and tokenizer files (what `tools/convert_hf.py export` needs)
     latest                   text file naming the newest complete checkpoint
 A checkpoint is written to `step_0000012.tmp/` and renamed once every rank has finished, and `latest` is
 replaced atomically after that, so a crash mid-save leaves the previous checkpoint as the one that loads and
@@ -24,14 +25,17 @@ import torch.distributed as dist
 
 from megatron_gvpo.megatron.engine import MegatronEngine
 from megatron_gvpo.megatron.model import unwrap
+from megatron_gvpo.models.hf_io import HF_ASSETS_DIR, copy_hf_assets
 
 _LATEST = "latest"
 _STATE = "trainer_state.pt"
+_REFERENCE_KEY_PREFIX = "reference."
 
 
-def _model_sharded_state_dict(chunks: list, prefix: str) -> dict:
+def _model_sharded_state_dict(chunks: list, prefix: str, key_prefix: str = "") -> dict:
     # DDP wraps the GPTModel; vp stages are saved under model0, model1, ... like Megatron-LM does.
-    return {f"{prefix}{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    # `key_prefix` keeps a second copy of the model (the reference) apart in the checkpoint's key space.
+    return {f"{prefix}{i}": unwrap(c).sharded_state_dict(prefix=key_prefix) for i, c in enumerate(chunks)}
 
 
 def _sharded_state_dict(engine: MegatronEngine, is_loading: bool) -> dict:
@@ -43,7 +47,7 @@ def _sharded_state_dict(engine: MegatronEngine, is_loading: bool) -> dict:
         model, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
     )
     if engine.reference is not None:
-        state.update(_model_sharded_state_dict(engine.reference, "reference"))
+        state.update(_model_sharded_state_dict(engine.reference, "reference", key_prefix=_REFERENCE_KEY_PREFIX))
     return state
 
 
@@ -131,6 +135,11 @@ def save_checkpoint(engine: MegatronEngine, directory: str | Path, step: int, tr
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(engine, is_loading=False), str(tmp))
     if rank == 0:
+        # What an exported model needs besides the weights (tools/convert_hf.py export reads it).
+        model = engine.cfg.model
+        copy_hf_assets(Path(model.path), tmp / HF_ASSETS_DIR)
+        if model.tokenizer:
+            copy_hf_assets(Path(model.tokenizer), tmp / HF_ASSETS_DIR)
         torch.save(
             {
                 "step": step,
@@ -152,6 +161,19 @@ def save_checkpoint(engine: MegatronEngine, directory: str | Path, step: int, tr
     return final
 
 
+def load_model_weights(chunks: list, path: str | Path) -> None:
+    """Collective: the policy weights of a Megatron checkpoint (a training checkpoint or the output of
+    `tools/convert_hf.py import`) into `chunks`, at any layout; everything else in it is ignored."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"model.load={str(path)!r} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
+    loaded = dist_checkpointing.load(_model_sharded_state_dict(chunks, "model"), str(path))
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+
+
 def load_checkpoint(engine: MegatronEngine, path: str | Path) -> tuple[int, dict[str, Any]]:
     """Collective: load `path` into the engine (any layout); returns (step, the caller's trainer state)."""
     from megatron.core import dist_checkpointing
@@ -165,7 +187,9 @@ def load_checkpoint(engine: MegatronEngine, path: str | Path) -> tuple[int, dict
         unwrap(chunk).load_state_dict(loaded[f"model{i}"])
     if engine.reference is not None:
         for i, chunk in enumerate(engine.reference):
-            chunk.load_state_dict(loaded[f"reference{i}"])
+            # The state-dict keys carry the key prefix too.
+            state = {k.removeprefix(_REFERENCE_KEY_PREFIX): v for k, v in loaded[f"reference{i}"].items()}
+            chunk.load_state_dict(state)
     with _param_state_copy_without_step(engine.optimizer):
         engine.optimizer.load_state_dict(loaded["optimizer"])
     state = torch.load(path / _STATE, weights_only=False)

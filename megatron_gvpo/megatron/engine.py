@@ -41,8 +41,9 @@ def use_transformer_engine(impl: str) -> bool:
     return impl == "transformer_engine"
 
 
-def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor]):
-    """This rank's model chunks (one per virtual stage) with HF weights loaded; returns (chunks, TransformerConfig)."""
+def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor] | None):
+    """This rank's model chunks (one per virtual stage) with HF weights loaded (None: Megatron's initialisation,
+    to be overwritten from a checkpoint); returns (chunks, TransformerConfig)."""
     use_te = use_transformer_engine(cfg.model.transformer_impl)
     p = cfg.parallel
     check_attention_support(use_te=use_te, cp=p.cp, packing=cfg.train.packing)
@@ -60,7 +61,8 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
         )
         for v in range(ctx.num_model_chunks)
     ]
-    load_hf_weights(chunks, arch, hf_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, padded_vocab_size=padded)
+    if hf_state is not None:
+        load_hf_weights(chunks, arch, hf_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, padded_vocab_size=padded)
     if cfg.train.fused_logprobs:
         for chunk in chunks:
             return_hidden_states(chunk)
@@ -80,7 +82,10 @@ class StepResult:
 class MegatronEngine:
     """Policy (trained) and, for `algo.reference` 'frozen' / 'refresh', a separate reference copy."""
 
-    def __init__(self, cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor]):
+    def __init__(self, cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor] | None):
+        """`hf_state`: HF-named initial weights; None when `cfg.model.load` names a Megatron checkpoint."""
+        if (hf_state is None) != bool(cfg.model.load):
+            raise ValueError("give the initial weights either as hf_state or as model.load, exactly one")
         self.cfg, self.arch, self.ctx = cfg, arch, ctx
         chunks, self.config = build_chunks(cfg, arch, ctx, hf_state)
         ddp_config = DistributedDataParallelConfig(
@@ -121,6 +126,12 @@ class MegatronEngine:
             self.reference, _ = build_chunks(cfg, arch, ctx, hf_state)
             for c in self.reference:
                 c.requires_grad_(False)
+        if cfg.model.load:
+            from megatron_gvpo.megatron.checkpoint import load_model_weights
+
+            for chunks_ in (self.chunks, self.reference or []):
+                if chunks_:
+                    load_model_weights(chunks_, cfg.model.load)
         self.skipped_steps = 0
 
     # ---------------------------------------------------------------------------------------------------

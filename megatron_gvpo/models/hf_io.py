@@ -6,11 +6,34 @@ tensor only when that tensor is read, so a converter or a pipeline stage touches
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+
+
+HF_ASSETS_DIR = "hf"
+"""Subdirectory of a Megatron checkpoint holding the HF config, generation config and tokenizer files."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
+
+
+def copy_hf_assets(src: Path, dst: Path) -> list[str]:
+    """Every file of an HF model directory except weights (config, generation config, tokenizer, chat
+    template, ...); returns their names. A lone config.json file is copied as config.json."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if src.is_file():
+        shutil.copyfile(src, dst / "config.json")
+        return ["config.json"]
+    names = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            shutil.copyfile(f, dst / f.name)
+            names.append(f.name)
+    return names
 
 
 def load_hf_config(path: str | Path):
@@ -34,11 +57,25 @@ def load_hf_config(path: str | Path):
         raise ValueError(f"{file}: {e}") from None
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory, for `readinto` and `write` without a copy
+    (ctypes rather than `.numpy()`, which would pin the storage's size for good)."""
+    if not (t.is_contiguous() and t.device.type == "cpu"):
+        raise ValueError("tensor_bytes needs a contiguous CPU tensor")
+    if t.nbytes == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
+
+
 class SafetensorsCheckpoint(Mapping):
-    """Lazy name -> tensor mapping over a directory's safetensors shards (with or without an index file)."""
+    """Lazy name -> tensor mapping over a directory's safetensors shards (with or without an index file).
+
+    A tensor is read with `readinto` into memory of its own, not through an mmap of the shard: mapped file
+    pages would count in the process's resident set for as long as any tensor of that mapping lives."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self._headers: dict[Path, tuple[dict, int]] = {}
         index = self.directory / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -47,26 +84,126 @@ class SafetensorsCheckpoint(Mapping):
             files = sorted(self.directory.glob("*.safetensors"))
             if not files:
                 raise ValueError(f"{self.directory}: no *.safetensors files and no model.safetensors.index.json")
-            from safetensors import safe_open
+            self._file_of = {name: f for f in files for name in self._header(f)[0]}
 
-            self._file_of = {}
-            for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    self._file_of.update({name: f for name in h.keys()})
+    def _header(self, file: Path) -> tuple[dict, int]:
+        """(tensor entries, offset of the data section) of one safetensors file."""
+        if file not in self._headers:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                try:
+                    header = json.loads(f.read(size))
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{file} is not a safetensors file: {e}") from None
+            header.pop("__metadata__", None)
+            self._headers[file] = (header, 8 + size)
+        return self._headers[file]
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if name not in self._file_of:
             raise KeyError(name)
-        with safe_open(str(self._file_of[name]), framework="pt") as h:
-            return h.get_tensor(name)
+        file = self._file_of[name]
+        header, data_start = self._header(file)
+        if name not in header:
+            raise ValueError(f"{file}: no tensor {name!r} (the index says it is there)")
+        entry = header[name]
+        dtype = _DTYPE_OF.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        out = torch.empty(entry["shape"], dtype=dtype)
+        begin, end = entry["data_offsets"]
+        if end - begin != out.nbytes:
+            raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {entry['shape']} {dtype}")
+        target = tensor_bytes(out)
+        with open(file, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            done = 0
+            while done < len(target):
+                got = f.readinto(target[done:])
+                if not got:
+                    raise ValueError(f"{file}: truncated inside tensor {name!r}")
+                done += got
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
 
     def __len__(self) -> int:
         return len(self._file_of)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPE_OF = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsStreamWriter:
+    """Write a planned list of tensors as safetensors shards of at most `max_shard_bytes` each (a larger tensor
+    gets a shard of its own), named as transformers expects: one `model.safetensors`, or
+    `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`.
+
+    The plan (name, shape, dtype, in writing order) fixes every header up front, so each tensor's bytes go
+    straight to its file as it arrives: nothing is buffered, whatever the shard size."""
+
+    def __init__(self, directory: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+        self.directory = Path(directory)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(shards)
+        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(name, shape, dtype, file) for file, shard in zip(files, shards, strict=True)
+                       for name, shape, dtype, _ in shard]
+        self._headers = {file: _safetensors_header(shard) for file, shard in zip(files, shards, strict=True)}
+        self._last_of = {file: shard[-1][0] for file, shard in zip(files, shards, strict=True)}
+        self._next = 0
+        self._stream = None
+        if n > 1:
+            index = {"metadata": {"total_size": sum(s[3] for shard in shards for s in shard)},
+                     "weight_map": {name: file for name, _, _, file in self._order}}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        self.files = files
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise ValueError(f"tensor {name!r} is not in the plan (all {len(self._order)} planned tensors written)")
+        want, shape, dtype, file = self._order[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"expected {want} {shape} {dtype} next, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if self._stream is None:
+            self._stream = open(self.directory / file, "wb")
+            self._stream.write(self._headers[file])
+        data = tensor.detach().cpu().contiguous()
+        self._stream.write(tensor_bytes(data))
+        self._next += 1
+        if name == self._last_of[file]:
+            self._stream.close()
+            self._stream = None
+
+    def close(self) -> list[str]:
+        if self._next != len(self._order):
+            raise ValueError(f"only {self._next} of {len(self._order)} planned tensors were written")
+        return self.files
+
+
+def _safetensors_header(shard) -> bytes:
+    """8-byte little-endian length + JSON header, space-padded so the data starts 8-byte aligned."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype, nbytes in shard:
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
 
 
 def hf_weights(path: str | Path, init: str, seed: int) -> Mapping[str, torch.Tensor]:

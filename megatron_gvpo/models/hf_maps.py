@@ -159,10 +159,13 @@ def hf_to_megatron(
 
 
 def megatron_to_hf(
-    arch: Arch, megatron: Mapping[str, torch.Tensor], padded_vocab: int
+    arch: Arch, megatron: Mapping[str, torch.Tensor], padded_vocab: int, only: set[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, tensor) from full unsharded Megatron tensors (the inverse of `hf_to_megatron`)."""
+    """Yield (HF name, tensor) from full unsharded Megatron tensors (the inverse of `hf_to_megatron`);
+    `only` restricts it to the rules of those Megatron names."""
     for rule in rules(arch):
+        if only is not None and rule.megatron not in only:
+            continue
         if rule.megatron not in megatron:
             raise ValueError(f"Megatron state is missing tensor {rule.megatron!r}")
         outs = TRANSFORMS[rule.transform][1](arch, padded_vocab, megatron[rule.megatron])
