@@ -220,7 +220,7 @@ def measure(s: dict) -> dict:
     batch["ref_seq_logp"] = policy + 0.5 * torch.randn(policy.shape, generator=torch.Generator().manual_seed(2))
     micro = prepare_microbatches(batch, ctx, s["mbs"])
 
-    fused_spec = dataclasses.replace(spec, fused=True)
+    fused_spec = dataclasses.replace(spec, fused=True, main_grad_accumulation=True)  # as the engine runs it
 
     def gvpo_fused():
         # The same model returning hidden states for this step only (the instance-level forward override of

@@ -88,3 +88,22 @@ def test_bfloat16_inputs_use_fp32_softmax_and_keep_their_dtype():
     torch.testing.assert_close(ent.float(), want_ent, rtol=0.02, atol=0.05)
     torch.testing.assert_close(h.grad.float(), want_gh, rtol=0.05, atol=0.05)
     torch.testing.assert_close(w.grad.float(), want_gw, rtol=0.05, atol=0.05)
+
+
+def test_weight_gradient_straight_into_main_grad():
+    """With main_grad_accumulation the weight gradient is added to `weight.main_grad` (what Megatron DDP
+    reduces) and autograd gets none; every other output is unchanged. Without a main_grad it refuses."""
+    hidden, weight, targets, g_logp, g_ent = problem(23, 16, 64, 59)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    w.main_grad = torch.full(w.shape, 0.5)  # earlier micro-batches' accumulated gradient
+    logp, ent = fused_linear_logprobs(h, w, targets, chunk_size=7, return_entropy=True, vocab_size=59,
+                                      main_grad_accumulation=True)
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    want_logp, want_ent, want_gh, want_gw = reference(hidden, weight, targets, 59, g_logp, g_ent)
+    torch.testing.assert_close(logp.detach(), want_logp, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(h.grad, want_gh, rtol=RTOL, atol=ATOL)
+    assert w.grad is None
+    torch.testing.assert_close(w.main_grad, want_gw + 0.5, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="needs a weight with a main_grad buffer"):
+        fused_linear_logprobs(h, weight.clone().requires_grad_(), targets, main_grad_accumulation=True)

@@ -120,6 +120,8 @@ class MegatronEngine:
         self.logprobs = LogprobSpec(
             tp_group=ctx.tp_group, vocab_size=arch.vocab_size, cp_group=ctx.cp_group if ctx.cp_size > 1 else None,
             packing=t.packing, chunk_size=t.logprob_chunk_size, fused=t.fused_logprobs,
+            # DDP above runs with overlap_grad_reduce=False, which this needs.
+            main_grad_accumulation=t.fused_logprobs,
         )
         self.reference = None
         if cfg.algo.reference != "old_policy":

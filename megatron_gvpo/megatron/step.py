@@ -65,6 +65,9 @@ class LogprobSpec:
     fused: bool = False
     """The model returns hidden states (`model.return_hidden_states`); log-probs come from
     `fused_linear_logprobs` and the output weight, without logits."""
+    main_grad_accumulation: bool = False
+    """Fused head: the output weight's gradient goes straight into Megatron DDP's `main_grad` buffer (needs
+    DDP with overlap_grad_reduce=False; see `fused_linear_logprobs`)."""
 
 
 def sequence_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | None, spec: LogprobSpec) -> torch.Tensor:
@@ -78,7 +81,8 @@ def sequence_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | Non
         # Only scored (response) tokens enter the loss, and without logits nothing is wasted by skipping the
         # rest: the output-layer matmuls (forward, recompute, two gradients) run on scored rows only.
         hidden = output.reshape(-1, output.shape[-1]).index_select(0, scored)
-        token_logp = fused_linear_logprobs(hidden, weight, mb["targets"].reshape(-1)[scored], **kwargs)
+        token_logp = fused_linear_logprobs(hidden, weight, mb["targets"].reshape(-1)[scored], **kwargs,
+                                           main_grad_accumulation=spec.main_grad_accumulation)
     else:
         token_logp = vocab_parallel_logprobs(output, mb["targets"], **kwargs).reshape(-1)[scored]
     rows = mb["seq_index"].reshape(-1)[scored]

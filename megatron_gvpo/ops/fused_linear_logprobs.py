@@ -7,7 +7,8 @@ chunk by chunk in backward. The forward is one pass: each chunk keeps its LOCAL 
 rescaled to the global max after one all-reduce MAX (online softmax), then summed with one all-reduce SUM.
 
 Memory beyond the inputs: two fp32 [chunk, V_local] buffers allocated once per call and reused by every
-chunk, the [T, h] hidden gradient and the [V_local, h] weight gradient (both needed by any output layer). This removes the anchors' most reported OOM: a 8192-token sequence
+chunk, the [T, h] hidden gradient and the [V_local, h] weight gradient (both needed by any output layer;
+with `main_grad_accumulation` the weight gradient goes straight into Megatron DDP's buffer instead). This removes the anchors' most reported OOM: a 8192-token sequence
 with a 128k vocabulary has 4 GiB of fp32 logits per TP rank before any softmax.
 
 Tensor parallelism: `hidden` is replicated over the TP group (the input of Megatron's column-parallel output
@@ -39,7 +40,8 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor)
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_Th, weight_Vh, targets_T, tp_group, chunk_size, return_entropy, vocab_size):
+    def forward(ctx, hidden_Th, weight_Vh, targets_T, tp_group, chunk_size, return_entropy, vocab_size,
+                main_grad_accumulation):
         num_tokens = hidden_Th.shape[0]
         vocab_local = weight_Vh.shape[0]
         work = torch.promote_types(hidden_Th.dtype, torch.float32)
@@ -92,6 +94,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden_Th, weight_Vh, local_target_T, in_shard_T, lse_T, entropy_T)
         ctx.tp_group, ctx.chunk_size, ctx.return_entropy = tp_group, chunk_size, return_entropy
         ctx.valid_columns, ctx.work_dtype = valid, work
+        ctx.main_grad_accumulation = main_grad_accumulation
         logp_out, entropy_out = logp_T.to(hidden_Th.dtype), entropy_T.to(hidden_Th.dtype)
         if not return_entropy:
             ctx.mark_non_differentiable(entropy_out)
@@ -107,7 +110,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         g_ent_T = grad_entropy_T.to(work) if use_entropy else None
         num_tokens = hidden_Th.shape[0]
         grad_hidden = torch.zeros(hidden_Th.shape, dtype=work, device=hidden_Th.device)
-        grad_weight = torch.zeros(weight_Vh.shape, dtype=work, device=weight_Vh.device)
+        if ctx.main_grad_accumulation:
+            # Straight into Megatron DDP's fp32 gradient buffer: no [V_local, h] gradient is ever allocated.
+            grad_weight = None
+            weight_acc = weight_Vh.main_grad[:valid]
+        else:
+            grad_weight = torch.zeros(weight_Vh.shape, dtype=work, device=weight_Vh.device)
+            weight_acc = grad_weight[:valid]
         if valid:
             logp_buf, p_buf = work_buffers(min(ctx.chunk_size, num_tokens), valid, work, hidden_Th.device)
         for s, e in _chunks(num_tokens if valid else 0, ctx.chunk_size):
@@ -123,9 +132,10 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 torch.matmul(grad, w, out=grad_hidden[s:e])
             else:
                 grad_hidden[s:e] = grad.to(w.dtype) @ w
-            grad_weight[:valid].addmm_(grad.T, h.to(work))
+            weight_acc.addmm_(grad.T.to(weight_acc.dtype), h.to(weight_acc.dtype))
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)
-        return grad_hidden.to(hidden_Th.dtype), grad_weight.to(weight_Vh.dtype), None, None, None, None, None
+        grad_weight = grad_weight.to(weight_Vh.dtype) if grad_weight is not None else None
+        return grad_hidden.to(hidden_Th.dtype), grad_weight, None, None, None, None, None, None
 
 
 def fused_linear_logprobs(
@@ -136,6 +146,7 @@ def fused_linear_logprobs(
     chunk_size: int | None = None,
     return_entropy: bool = False,
     vocab_size: int | None = None,
+    main_grad_accumulation: bool = False,
 ):
     """log softmax(hidden @ weight.T)[target] (and entropy) without materialising the logits.
 
@@ -144,7 +155,15 @@ def fused_linear_logprobs(
         weight: [V_local, h] this rank's rows of the output layer (Megatron's `output_layer.weight`).
         targets: [...] global token ids; tp_group / chunk_size / return_entropy / vocab_size as in
             `vocab_parallel_logprobs`.
+        main_grad_accumulation: add the weight's gradient straight into `weight.main_grad` (Megatron DDP's
+            fp32 buffer) and give autograd none, as Megatron's gradient-accumulation fusion does, so that no
+            [V_local, h] gradient is allocated. Needs DDP with overlap_grad_reduce=False: the overlapped
+            reduce waits for a gradient hook of every parameter, and this weight's hook does not fire (a tied
+            embedding's still does, for its lookup gradient, which DDP adds to the same buffer).
     """
+    needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
+    if main_grad_accumulation and needs_weight_grad and getattr(weight, "main_grad", None) is None:
+        raise ValueError("main_grad_accumulation needs a weight with a main_grad buffer (wrap the model in Megatron DDP)")
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"shapes do not fit: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} (want [V_local, "
@@ -153,7 +172,7 @@ def fused_linear_logprobs(
     flat_targets, vocab_size, chunk_size = check_targets(targets, weight.shape[0], tp_group, vocab_size, chunk_size)
     logp, entropy = _FusedLinearLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight, flat_targets, tp_group, chunk_size,
-        return_entropy, vocab_size,
+        return_entropy, vocab_size, main_grad_accumulation,
     )
     if return_entropy:
         return logp.view(targets.shape), entropy.view(targets.shape)
