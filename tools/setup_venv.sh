@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or update ./.venv with the pinned CPU dependencies; `--test` adds the test tools.
+# Create or update ./.venv with the pinned CPU dependencies and the SGLang runtime; `--test` adds the test tools.
 # Idempotent: a stamp named after the hash of the requirement files skips the install when nothing changed,
 # so the README's commands cost seconds after the first run. Python 3.11 is required (megatron-core 0.16.1).
 set -euo pipefail
@@ -19,8 +19,11 @@ stamp=".venv/.installed-$(basename "$req" .txt)-$(cat requirements/*.txt | sha25
 if [[ -f "$stamp" ]]; then
     exit 0
 fi
-echo "setup_venv: installing $req into ./.venv (first run: about a minute)" >&2
+echo "setup_venv: installing $req into ./.venv (first run: about two minutes, ~3 GB)" >&2
 [[ -x .venv/bin/python ]] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r "$req" 2> >(grep -v "is ignored" >&2)
+# SGLang (the rollout engine) without its metadata's CUDA stack and torch pin; the file lists its whole closure.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/sglang.txt \
+    2> >(grep -v "is ignored" >&2)
 rm -f .venv/.installed-*
 touch "$stamp"

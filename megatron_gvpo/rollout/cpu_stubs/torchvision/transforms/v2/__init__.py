@@ -1,0 +1,1 @@
+"""Import-only stand-in for `torchvision.transforms.v2` (see cpu_stubs/torchvision/__init__.py): empty."""

@@ -1,0 +1,295 @@
+"""SGLang as the rollout engine: supervised `sglang.launch_server` processes and an HTTP client for them.
+
+`SGLangServer` starts one server (or none: attach to a URL), waits for `/health` with a deadline and fails with
+the tail of the server's log, and stops it with its whole process group. On machines without CUDA it adds the
+flags of SGLang's generic CPU path (`--device cpu --attention-backend torch_native --sampling-backend pytorch`),
+one OpenMP thread, and the import-only stand-ins of `megatron_gvpo/rollout/cpu_stubs/` to PYTHONPATH.
+
+`SGLangClient` sends grouped sampling requests (token ids in, token ids and log-probs out) to one or more
+servers, spreads prompts over them, retries a request on another server when one is unreachable, and turns
+every answer into `Sample`s with SGLang's finish reason ('stop' / 'length' / 'abort'); a malformed answer or a
+deadline is a `RolloutError`, never a silently short batch.
+
+Reproducible sampling. SGLang honours per-request seeds only in its deterministic mode
+(`SGLangServerConfig.deterministic`, GPU attention backends). There, `SamplingParams.seed` sends the group of a
+prompt as n requests with seeds seed + (prompt index * n + j): distinct samples, reproducible for the same
+prompts, seed and weights (SGLang's own `n` would give all n copies one seed). A seed sent to a server without
+that mode would be silently ignored, so the client refuses it. On CPU (torch_native attention, which has no
+deterministic mode) samples are reproducible through the server's `random_seed` and the order of requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_gvpo.rollout.base import RolloutError, Sample, SamplingParams
+
+CPU_STUBS = Path(__file__).resolve().parent / "cpu_stubs"
+"""Import-only stand-ins for modules SGLang imports but never calls on its CPU path (README inside)."""
+CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch")
+
+
+@dataclass
+class SGLangServerConfig:
+    model_path: str
+    """HF model directory (config, safetensors, tokenizer) the server loads."""
+    host: str = "127.0.0.1"
+    port: int | None = None
+    """None: a free port."""
+    tp: int = 1
+    dtype: str = "auto"
+    """SGLang's --dtype. On CPU 'auto' becomes float32: SGLang's own 'auto' runs an fp32 checkpoint in fp16."""
+    random_seed: int = 0
+    deterministic: bool = False
+    """--enable-deterministic-inference: SGLang honours per-request sampling seeds only with it."""
+    mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    startup_timeout_s: float = 180.0
+    log_path: str | None = None
+    """Server stdout/stderr; None: a file next to nothing in particular (a temp file)."""
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class SGLangServer:
+    """One supervised `python -m sglang.launch_server` process (module docstring)."""
+
+    def __init__(self, cfg: SGLangServerConfig):
+        from megatron_gvpo.utils.distributed import free_port
+
+        self.cfg = cfg
+        self.port = cfg.port or free_port()
+        self.url = f"http://{cfg.host}:{self.port}"
+        self.process: subprocess.Popen | None = None
+        if cfg.log_path:
+            self.log_path = Path(cfg.log_path)
+        else:
+            import tempfile
+
+            self.log_path = Path(tempfile.mkstemp(prefix="sglang_server_", suffix=".log")[1])
+
+    def command(self) -> list[str]:
+        c = self.cfg
+        cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path, "--host", c.host,
+               "--port", str(self.port), "--tp-size", str(c.tp), "--random-seed", str(c.random_seed)]
+        if c.deterministic:
+            cmd += ["--enable-deterministic-inference"]
+        if c.mem_fraction_static is not None:
+            cmd += ["--mem-fraction-static", str(c.mem_fraction_static)]
+        if c.max_total_tokens is not None:
+            cmd += ["--max-total-tokens", str(c.max_total_tokens)]
+        if not _cuda_available():
+            cmd += list(CPU_FLAGS)
+        dtype = "float32" if c.dtype == "auto" and not _cuda_available() else c.dtype
+        cmd += ["--dtype", dtype]
+        return cmd + list(c.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, **self.cfg.env}
+        if not _cuda_available():
+            env.setdefault("OMP_NUM_THREADS", "1")  # torch_native attention stalls with 2 threads on 2 cores
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUBS), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def start(self) -> SGLangServer:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.environment(), start_new_session=True)
+        self.wait_healthy(self.cfg.startup_timeout_s)
+        return self
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RolloutError(f"SGLang server exited with code {self.process.returncode} during start-up; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            if health(self.url, timeout_s=2.0):
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise RolloutError(f"SGLang server at {self.url} not healthy after {timeout_s:.0f} s "
+                           f"(rollout.startup_timeout_s); log {self.log_path}:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stop the server and every process it spawned (scheduler, detokenizer). SIGTERM goes to the leader
+        only, which drains and stops its children; signalling the whole group kills the scheduler first,
+        which the leader treats as a crash (a diagnostics pause, then SIGKILL of itself)."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of the group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.process.poll() is None:
+            self.process.wait(5.0)
+        self.process = None
+
+    def __enter__(self) -> SGLangServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _http(url: str, payload: dict | None, timeout_s: float) -> dict | list:
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                     method="GET" if payload is None else "POST")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        body = response.read()
+    return json.loads(body) if body else {}
+
+
+def health(url: str, timeout_s: float = 5.0) -> bool:
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=timeout_s).read()
+        return True
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+class SGLangClient:
+    """Grouped sampling against SGLang servers (module docstring)."""
+
+    def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 2):
+        if not urls:
+            raise ValueError("SGLangClient needs at least one server URL")
+        self.urls, self.timeout_s, self.retries = list(urls), timeout_s, retries
+        self._deterministic: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
+        sampling.validate()
+        for i, p in enumerate(prompts):
+            if not p or not all(isinstance(t, int) and t >= 0 for t in p):
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p[:8]!r}...")
+        if not prompts:
+            return []
+        if sampling.seed is not None:
+            self._check_deterministic()
+        # Contiguous slices of prompts per server: each request stays one batch for its server.
+        parts = [list(range(len(prompts)))[s::len(self.urls)] for s in range(len(self.urls))]
+        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
+            futures = [pool.submit(self._generate_on, s, [prompts[i] for i in idx], idx, sampling)
+                       for s, idx in enumerate(parts) if idx]
+            groups: dict[int, list[Sample]] = {}
+            for f in futures:
+                groups.update(f.result())
+        return [groups[i] for i in range(len(prompts))]
+
+    def _generate_on(self, server: int, prompts: list[list[int]], indices: list[int],
+                     sampling: SamplingParams) -> dict[int, list[Sample]]:
+        payload = self._payload(prompts, indices, sampling)
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            url = self.urls[(server + attempt) % len(self.urls)]
+            try:
+                answer = _http(f"{url}/generate", payload, self.timeout_s)
+            except (urllib.error.URLError, ConnectionError, OSError) as e:
+                if isinstance(e, TimeoutError) or "timed out" in str(e):
+                    raise RolloutError(f"rollout request to {url} timed out after {self.timeout_s:.0f} s") from e
+                last = e
+                continue
+            return self._parse(answer, indices, sampling.n, url)
+        raise RolloutError(f"rollout request failed on every server ({self.retries + 1} attempts): {last}")
+
+    @staticmethod
+    def _payload(prompts: list[list[int]], indices: list[int], s: SamplingParams) -> dict:
+        params = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+                  "max_new_tokens": s.max_new_tokens, "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids)}
+        if s.seed is None:
+            return {"input_ids": prompts, "sampling_params": {**params, "n": s.n}, "return_logprob": True}
+        # One request per sample, each with its own seed (see the module docstring).
+        return {
+            "input_ids": [p for p in prompts for _ in range(s.n)],
+            "sampling_params": [{**params, "sampling_seed": s.seed + i * s.n + j} for i in indices for j in range(s.n)],
+            "return_logprob": True,
+        }
+
+    @staticmethod
+    def _parse(answer, indices: list[int], n: int, url: str) -> dict[int, list[Sample]]:
+        outputs = answer if isinstance(answer, list) else [answer]
+        if len(outputs) != len(indices) * n:
+            raise RolloutError(f"{url} returned {len(outputs)} samples for {len(indices)} prompts x n={n}")
+        groups: dict[int, list[Sample]] = {}
+        for k, out in enumerate(outputs):
+            try:
+                meta = out["meta_info"]
+                reason = meta["finish_reason"]
+                kind = reason["type"] if isinstance(reason, dict) else reason
+                token_ids = list(out["output_ids"])
+                logprobs = [float(lp) for lp, _tok, *_ in meta["output_token_logprobs"]]
+            except (KeyError, TypeError, ValueError) as e:
+                raise RolloutError(f"{url} returned a malformed sample ({e!r}): {str(out)[:300]}") from None
+            if kind not in ("stop", "length", "abort"):
+                raise RolloutError(f"{url} returned unknown finish reason {reason!r}")
+            if len(logprobs) != len(token_ids):
+                raise RolloutError(f"{url} returned {len(logprobs)} log-probs for {len(token_ids)} tokens")
+            prompt = indices[k // n]
+            groups.setdefault(prompt, []).append(Sample(
+                prompt_index=prompt, token_ids=token_ids, logprobs=logprobs, finish_reason=kind,
+                weight_version=meta.get("weight_version"), text=out.get("text"),
+                info={"finish_reason": reason, "e2e_latency": meta.get("e2e_latency"),
+                      "cached_tokens": meta.get("cached_tokens")},
+            ))
+        return groups
+
+    def _check_deterministic(self) -> None:
+        for url in self.urls:
+            if url not in self._deterministic:
+                info = _http(f"{url}/server_info", None, 30.0)
+                self._deterministic[url] = bool(info.get("enable_deterministic_inference"))
+            if not self._deterministic[url]:
+                raise ValueError(
+                    f"sampling seed given, but the SGLang server at {url} runs without "
+                    "--enable-deterministic-inference (SGLangServerConfig.deterministic), so it would ignore the "
+                    "seed; on CPU there is no deterministic mode: reproduce samples through the server's random_seed"
+                )
+
+    # ------------------------------------------------------------------------------------------------
+    def health(self) -> bool:
+        return all(health(u) for u in self.urls)
+
+    def abort_all(self) -> None:
+        for url in self.urls:
+            try:
+                _http(f"{url}/abort_request", {"abort_all": True}, 30.0)
+            except (urllib.error.URLError, OSError):
+                pass
+
+    def shutdown(self) -> None:
+        """The client owns no server; see SGLangServer.stop."""
