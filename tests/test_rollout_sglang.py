@@ -169,3 +169,82 @@ def test_server_seed_reproduces_samples_and_a_killed_server_errors(model_dir):
             server.stop()
     check_groups(runs[0], 4, 6)
     assert [[x.token_ids for x in g] for g in runs[0]] == [[x.token_ids for x in g] for g in runs[1]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight sync: the trainer (TP2 x PP2) moves its weights, syncs them, and SGLang scores like the trainer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def score_batch(url: str, batch: dict) -> list[float]:
+    """Sequence log-probs of the batch's responses under the server's weights (prompt-scoring requests)."""
+    from megatron_gvpo.megatron.seq_layout import scored_lengths
+    from megatron_gvpo.rollout.sglang import _http
+
+    out = []
+    for row, n in enumerate(scored_lengths(batch["loss_mask"]).tolist()):
+        ids = batch["tokens"][row, : n + 1].tolist()  # through the last scored position's target
+        answer = _http(f"{url}/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+                                           "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}, 60)
+        token_lp = [lp for lp, *_ in answer["meta_info"]["input_token_logprobs"]]  # [None, lp(ids[1]|ids[:1]), ...]
+        mask = batch["loss_mask"][row, :n].tolist()
+        out.append(sum(token_lp[t + 1] for t in range(n) if mask[t]))
+    return out
+
+
+def weight_sync_run(model_dir, url, sync_dir):
+    """Every rank of a TP2 x PP2 trainer: take an optimizer step (weights move away from the served ones),
+    score a batch before and after `sync_weights_from_disk`; rank 0 returns what it saw."""
+    import torch.distributed as dist
+
+    from megatron_gvpo.config import Config, config_from_dict
+    from megatron_gvpo.data.batch import make_targets
+    from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
+    from megatron_gvpo.megatron.engine import MegatronEngine
+    from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
+    from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
+    from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
+    from megatron_gvpo.rollout.weight_sync import sync_weights_from_disk
+
+    apply_cpu_compat()
+    cfg = config_from_dict(Config, {}, [
+        f"model.path={model_dir}", "parallel.tp=2", "parallel.pp=2", "model.seq_length=12", "algo.group_size=2",
+        "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=0.05", "train.lr_warmup_steps=0",
+    ])
+    ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
+    try:
+        arch = arch_from_hf(load_hf_config(model_dir))
+        engine = MegatronEngine(cfg, arch, ctx, hf_weights(model_dir, "pretrained", 0))
+        g = torch.Generator().manual_seed(5)
+        tokens = torch.randint(3, arch.vocab_size, (4, 12), generator=g)
+        response = torch.zeros(4, 12, dtype=torch.bool)
+        for i, (p, r) in enumerate([(4, 5), (3, 7), (5, 4), (4, 8)]):
+            response[i, p:p + r] = True
+        targets, loss_mask = make_targets(tokens, response)
+        batch = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask,
+                 "rewards": torch.tensor([1.0, 0.0, 0.0, 1.0]), "group_ids": torch.tensor([0, 0, 1, 1])}
+        batch["ref_seq_logp"] = engine.sequence_logprobs(batch)
+        engine.train_step(batch)
+        trainer = engine.sequence_logprobs(batch).tolist()
+        before = score_batch(url, batch) if dist.get_rank() == 0 else None
+        sync_weights_from_disk(engine.chunks, arch, ctx, padded_vocab_size(arch.vocab_size, ctx.tp_size), [url],
+                               sync_dir, model_dir, version="step-1")
+        after = score_batch(url, batch) if dist.get_rank() == 0 else None
+        return trainer, before, after
+    finally:
+        destroy_parallel()
+
+
+def test_weight_sync_from_disk_makes_sglang_score_like_the_trainer(gloo, server, model_dirs, tmp_path):
+    from megatron_gvpo.rollout.sglang import _http
+
+    try:
+        trainer, before, after = gloo.run(4, weight_sync_run, str(model_dirs[0]), server.url, str(tmp_path / "sync"))[0]
+    finally:  # the module's other tests expect the served model to be the initial one
+        assert _http(f"{server.url}/update_weights_from_disk", {"model_path": str(model_dirs[1])}, 120)["success"]
+    # The step moved the weights: the server (still on the initial ones) scores differently...
+    assert max(abs(a - b) for a, b in zip(trainer, before, strict=True)) > 1e-2
+    # ... and after the sync exactly like the trainer's Megatron model (independent implementations).
+    assert max(abs(a - b) for a, b in zip(trainer, after, strict=True)) < 1e-4
+    sample = SGLangClient([server.url]).generate([[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0.0))
+    assert sample[0][0].weight_version == "step-1"

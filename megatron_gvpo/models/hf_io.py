@@ -148,26 +148,31 @@ class SafetensorsStreamWriter:
     The plan (name, shape, dtype, in writing order) fixes every header up front, so each tensor's bytes go
     straight to its file as it arrives: nothing is buffered, whatever the shard size."""
 
-    def __init__(self, directory: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+    def __init__(self, directory: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int, single_file: str | None = None):
+        """`single_file`: every tensor into that one file and no index (the caller indexes several writers)."""
         self.directory = Path(directory)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
         for name, shape, dtype in plan:
             nbytes = math.prod(shape) * dtype.itemsize
-            if shards[-1] and size + nbytes > max_shard_bytes:
+            if shards[-1] and size + nbytes > max_shard_bytes and single_file is None:
                 shards.append([])
                 size = 0
             shards[-1].append((name, tuple(shape), dtype, nbytes))
             size += nbytes
         n = len(shards)
-        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        if single_file is not None:
+            files = [single_file]
+        else:
+            files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self._order = [(name, shape, dtype, file) for file, shard in zip(files, shards, strict=True)
                        for name, shape, dtype, _ in shard]
         self._headers = {file: _safetensors_header(shard) for file, shard in zip(files, shards, strict=True)}
         self._last_of = {file: shard[-1][0] for file, shard in zip(files, shards, strict=True)}
         self._next = 0
         self._stream = None
-        if n > 1:
+        if n > 1 and single_file is None:
             index = {"metadata": {"total_size": sum(s[3] for shard in shards for s in shard)},
                      "weight_map": {name: file for name, _, _, file in self._order}}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

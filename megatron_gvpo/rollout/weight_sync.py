@@ -1,0 +1,132 @@
+"""Weights from the sharded Megatron trainer to SGLang, named and laid out as Hugging Face tensors.
+
+`hf_tensors(chunks, arch, ctx)` is the common source of every sync method: for each parameter of this rank's
+model chunks it gathers the TP shards (an all-gather over the TP group: every TP rank must call it), makes the
+full Megatron tensor (`models.sharding.unshard`) and turns it into HF tensors with the converter's name maps
+(`models.hf_maps.megatron_to_hf`), yielding them on TP rank 0 of each pipeline stage. Pipeline stages hold
+different layers, so each stage contributes its own tensors; DP replicas hold the same ones and only DP rank 0
+sends.
+
+Methods (`sync_weights_from_disk` here; the tensor and distributed methods come next):
+- disk: every sending rank streams its stage's tensors into one safetensors file of a shared directory,
+  global rank 0 adds the index, config and tokenizer files, then tells each server to
+  `/update_weights_from_disk` with the new weight version. The fallback that works across machines.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_gvpo.megatron.parallel import ParallelContext
+from megatron_gvpo.megatron.weights import global_named_parameters
+from megatron_gvpo.models.arch import Arch
+from megatron_gvpo.models.hf_io import SafetensorsStreamWriter, copy_hf_assets
+from megatron_gvpo.models.hf_maps import megatron_to_hf
+from megatron_gvpo.models.sharding import tp_split, unshard
+from megatron_gvpo.rollout.base import RolloutError
+
+
+def _parameters(chunks: list) -> list[tuple[str, torch.Tensor]]:
+    return [(name, p) for chunk in chunks for name, p in global_named_parameters(chunk)]
+
+
+def _full_shape(name: str, local: torch.Size, tp_size: int) -> tuple[int, ...]:
+    dim = tp_split(name).dim
+    shape = list(local)
+    if dim is not None:
+        shape[dim] *= tp_size
+    return tuple(shape)
+
+
+def hf_plan(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, dtype: torch.dtype):
+    """[(HF name, shape, dtype)] of what `hf_tensors` yields on this rank, from meta tensors (no data)."""
+    plan = []
+    for name, p in _parameters(chunks):  # the order in which hf_tensors yields them
+        meta = torch.empty(_full_shape(name, p.shape, ctx.tp_size), dtype=p.dtype, device="meta")
+        plan += [(n, tuple(t.shape), dtype) for n, t in _hf_from_full(arch, {name: meta}, padded_vocab)]
+    return plan
+
+
+def _hf_from_full(arch: Arch, full: dict[str, torch.Tensor], padded_vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
+    # A tied model's last stage holds a copy of the embedding as output_layer: not an HF tensor of its own.
+    yield from megatron_to_hf(arch, full, padded_vocab, only=set(full))
+
+
+@torch.no_grad()
+def hf_tensors(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int,
+               dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named full tensors of this rank's pipeline stage (module docstring); collective over TP."""
+    for name, param in _parameters(chunks):
+        local = param.detach().contiguous()
+        if ctx.tp_size > 1:
+            shards = [torch.empty_like(local) for _ in range(ctx.tp_size)]
+            dist.all_gather(shards, local, group=ctx.tp_group)
+        else:
+            shards = [local]
+        if ctx.tp_rank != 0:
+            continue
+        for hf_name, tensor in _hf_from_full(arch, {name: unshard(name, shards)}, padded_vocab):
+            yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _sender(ctx: ParallelContext) -> bool:
+    return ctx.tp_rank == 0 and ctx.dp_rank == 0
+
+
+def write_hf_checkpoint(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, directory: str | Path,
+                        hf_assets: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Collective over the whole world: the trainer's current weights as an HF model directory."""
+    directory = Path(directory)
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+    dist.barrier()
+    file = f"model-stage{ctx.pp_rank:03d}.safetensors"
+    names: list[str] = []
+    if ctx.dp_rank == 0:
+        writer = None
+        if ctx.tp_rank == 0:
+            writer = SafetensorsStreamWriter(directory, hf_plan(chunks, arch, ctx, padded_vocab, dtype),
+                                             max_shard_bytes=0, single_file=file)
+        for name, tensor in hf_tensors(chunks, arch, ctx, padded_vocab, dtype):
+            writer.write(name, tensor)
+            names.append(name)
+        if writer is not None:
+            writer.close()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (file, names) if _sender(ctx) else None)
+    if rank == 0:
+        weight_map = {n: f for entry in gathered if entry for f, ns in [entry] for n in ns}
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        copy_hf_assets(Path(hf_assets), directory)
+    dist.barrier()
+    return directory
+
+
+def sync_weights_from_disk(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, urls: list[str],
+                           directory: str | Path, hf_assets: str | Path, version: str,
+                           dtype: torch.dtype = torch.float32, timeout_s: float = 600.0) -> None:
+    """Collective: write the weights (`write_hf_checkpoint`) and load them into every server as `version`."""
+    from megatron_gvpo.rollout.sglang import _http
+
+    path = write_hf_checkpoint(chunks, arch, ctx, padded_vocab, directory, hf_assets, dtype)
+    error = None
+    if dist.get_rank() == 0:
+        for url in urls:
+            answer = _http(f"{url}/update_weights_from_disk",
+                           {"model_path": str(path), "weight_version": version, "flush_cache": True}, timeout_s)
+            if not answer.get("success"):
+                error = f"{url} refused the weights of {path}: {answer.get('message')}"
+                break
+    errors = [error]
+    dist.broadcast_object_list(errors, src=0)
+    if errors[0]:
+        raise RolloutError(errors[0])
