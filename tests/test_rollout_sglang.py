@@ -192,7 +192,7 @@ def score_batch(url: str, batch: dict) -> list[float]:
     return out
 
 
-def weight_sync_run(model_dir, url, sync_dir):
+def weight_sync_run(model_dir, url, sync_dir, method):
     """Every rank of a TP2 x PP2 trainer: take an optimizer step (weights move away from the served ones),
     score a batch before and after `sync_weights_from_disk`; rank 0 returns what it saw."""
     import torch.distributed as dist
@@ -204,7 +204,7 @@ def weight_sync_run(model_dir, url, sync_dir):
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
-    from megatron_gvpo.rollout.weight_sync import sync_weights_from_disk
+    from megatron_gvpo.rollout.weight_sync import sync_weights_from_disk, sync_weights_from_tensor
 
     apply_cpu_compat()
     cfg = config_from_dict(Config, {}, [
@@ -227,24 +227,31 @@ def weight_sync_run(model_dir, url, sync_dir):
         engine.train_step(batch)
         trainer = engine.sequence_logprobs(batch).tolist()
         before = score_batch(url, batch) if dist.get_rank() == 0 else None
-        sync_weights_from_disk(engine.chunks, arch, ctx, padded_vocab_size(arch.vocab_size, ctx.tp_size), [url],
-                               sync_dir, model_dir, version="step-1")
+        padded = padded_vocab_size(arch.vocab_size, ctx.tp_size)
+        if method == "disk":
+            sync_weights_from_disk(engine.chunks, arch, ctx, padded, [url], sync_dir, model_dir, version="step-1")
+        else:  # small buckets, so that a sync takes several requests
+            sync_weights_from_tensor(engine.chunks, arch, ctx, padded, [url], version="step-1", bucket_bytes=40_000)
         after = score_batch(url, batch) if dist.get_rank() == 0 else None
         return trainer, before, after
     finally:
         destroy_parallel()
 
 
-def test_weight_sync_from_disk_makes_sglang_score_like_the_trainer(gloo, server, model_dirs, tmp_path):
+@pytest.mark.parametrize("method", ["disk", "tensor"])
+def test_weight_sync_makes_sglang_score_like_the_trainer(gloo, server, model_dirs, tmp_path, method):
     from megatron_gvpo.rollout.sglang import _http
 
     try:
-        trainer, before, after = gloo.run(4, weight_sync_run, str(model_dirs[0]), server.url, str(tmp_path / "sync"))[0]
-    finally:  # the module's other tests expect the served model to be the initial one
-        assert _http(f"{server.url}/update_weights_from_disk", {"model_path": str(model_dirs[1])}, 120)["success"]
+        trainer, before, after = gloo.run(4, weight_sync_run, str(model_dirs[0]), server.url, str(tmp_path / "sync"),
+                                          method)[0]
+        sample = SGLangClient([server.url]).generate([[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0.0))
+        assert sample[0][0].weight_version == "step-1"
+    finally:  # the module's other tests (and the next method) expect the served model to be the initial one
+        answer = _http(f"{server.url}/update_weights_from_disk",
+                       {"model_path": str(model_dirs[1]), "weight_version": "initial"}, 120)
+        assert answer["success"]
     # The step moved the weights: the server (still on the initial ones) scores differently...
     assert max(abs(a - b) for a, b in zip(trainer, before, strict=True)) > 1e-2
     # ... and after the sync exactly like the trainer's Megatron model (independent implementations).
     assert max(abs(a - b) for a, b in zip(trainer, after, strict=True)) < 1e-4
-    sample = SGLangClient([server.url]).generate([[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0.0))
-    assert sample[0][0].weight_version == "step-1"

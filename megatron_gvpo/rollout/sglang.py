@@ -171,7 +171,10 @@ def _http(url: str, payload: dict | None, timeout_s: float) -> dict | list:
                                      method="GET" if payload is None else "POST")
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         body = response.read()
-    return json.loads(body) if body else {}
+    try:
+        return json.loads(body) if body else {}
+    except json.JSONDecodeError:
+        return {"text": body.decode(errors="replace")}
 
 
 def health(url: str, timeout_s: float = 5.0) -> bool:

@@ -7,14 +7,19 @@ full Megatron tensor (`models.sharding.unshard`) and turns it into HF tensors wi
 different layers, so each stage contributes its own tensors; DP replicas hold the same ones and only DP rank 0
 sends.
 
-Methods (`sync_weights_from_disk` here; the tensor and distributed methods come next):
-- disk: every sending rank streams its stage's tensors into one safetensors file of a shared directory,
-  global rank 0 adds the index, config and tokenizer files, then tells each server to
+Methods (the distributed one, NCCL/gloo broadcast, comes next):
+- disk (`sync_weights_from_disk`): every sending rank streams its stage's tensors into one safetensors file
+  of a shared directory, global rank 0 adds the index, config and tokenizer files, then tells each server to
   `/update_weights_from_disk` with the new weight version. The fallback that works across machines.
+- tensor (`sync_weights_from_tensor`, colocated): every sending rank packs its tensors into flattened buckets
+  of `bucket_bytes` and posts them as shared-memory handles (SGLang's `MultiprocessingSerializer`) to
+  `/update_weights_from_tensor`, inside a `/begin_weight_update` ... `/end_weight_update` session that global
+  rank 0 opens and closes, then sets the version. The server must run on the same machine as the sender.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -130,3 +135,90 @@ def sync_weights_from_disk(chunks: list, arch: Arch, ctx: ParallelContext, padde
     dist.broadcast_object_list(errors, src=0)
     if errors[0]:
         raise RolloutError(errors[0])
+
+
+def _post_ok(url: str, route: str, payload: dict, timeout_s: float) -> str | None:
+    """None on success, else the error message."""
+    import urllib.error
+
+    from megatron_gvpo.rollout.sglang import _http
+
+    try:
+        answer = _http(f"{url}{route}", payload, timeout_s)
+    except urllib.error.HTTPError as e:
+        return f"{url}{route}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}"
+    except (urllib.error.URLError, OSError) as e:
+        return f"{url}{route}: {e}"
+    if isinstance(answer, dict) and answer.get("success", True) is False:
+        return f"{url}{route}: {answer.get('message')}"
+    return None
+
+
+def _raise_if_any(error: str | None) -> None:
+    """Collective: every rank raises if any rank hit an error."""
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise RolloutError(first)
+
+
+@contextlib.contextmanager
+def _shareable_by_name():
+    """Serialise CPU tensors as named shared-memory files. torch's default ('file_descriptor') hands the fd over
+    through multiprocessing's resource sharer, which authenticates with the sender's multiprocessing authkey:
+    an SGLang server started as a separate program has another one and rejects it. CUDA tensors travel as
+    CUDA IPC handles either way."""
+    import torch.multiprocessing as tmp
+
+    previous = tmp.get_sharing_strategy()
+    tmp.set_sharing_strategy("file_system")
+    try:
+        yield
+    finally:
+        tmp.set_sharing_strategy(previous)
+
+
+def sync_weights_from_tensor(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, urls: list[str],
+                             version: str, dtype: torch.dtype = torch.float32, bucket_bytes: int = 32 << 20,
+                             server_tp: int = 1, timeout_s: float = 600.0) -> None:
+    """Collective: the weights into every (colocated) server through shared memory, as `version`."""
+    try:
+        from sglang.srt.utils.common import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+    except ImportError as e:
+        raise RolloutError("sync_weights_from_tensor needs sglang installed next to the trainer "
+                           "(tools/setup_venv.sh); use sync_weights_from_disk otherwise") from e
+
+    error = None
+    if dist.get_rank() == 0:
+        error = next((e for u in urls if (e := _post_ok(u, "/begin_weight_update", {}, timeout_s))), None)
+    _raise_if_any(error)
+
+    def flush(bucket: list, last: bool) -> str | None:
+        b = FlattenedTensorBucket(named_tensors=bucket)
+        with _shareable_by_name():
+            payload = MultiprocessingSerializer.serialize(
+                {"flattened_tensor": b.get_flattened_tensor(), "metadata": b.get_metadata()}, output_str=True)
+        request = {"serialized_named_tensors": [payload] * server_tp, "load_format": "flattened_bucket",
+                   "flush_cache": last}
+        return next((e for u in urls if (e := _post_ok(u, "/update_weights_from_tensor", request, timeout_s))), None)
+
+    if ctx.dp_rank == 0:
+        bucket, size = [], 0
+        for name, tensor in hf_tensors(chunks, arch, ctx, padded_vocab, dtype):  # collective over TP
+            if error is not None:
+                continue
+            bucket.append((name, tensor))
+            size += tensor.nbytes
+            if size >= bucket_bytes:
+                error, bucket, size = flush(bucket, last=False), [], 0
+        if bucket and error is None:
+            error = flush(bucket, last=True)  # the prefix cache holds KV of the old weights
+    _raise_if_any(error)
+
+    if dist.get_rank() == 0:
+        for u in urls:
+            error = error or _post_ok(u, "/end_weight_update", {}, timeout_s)
+            error = error or _post_ok(u, "/update_weight_version", {"new_version": version}, timeout_s)
+    _raise_if_any(error)
