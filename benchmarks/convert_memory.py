@@ -10,20 +10,20 @@ tensor, then, each in a fresh process:
                reading and writing the same bytes with no conversion (the whole shard in memory at once)
 
 Each process first runs its task on a tiny checkpoint, so imports and one-time set-up (transformers, Megatron,
-the gloo group) count in neither peak nor time; their cost is a few seconds per run. Two peaks, both
-relative to the moment before the measured task: 'allocated' is the peak of `RssAnon` (memory the process
-allocated; sampled every 2 ms), the quantity the goal is about; 'resident' is the high-water mark `VmHWM`,
-which also counts file pages that safetensors' mmap reads map into the process (page cache, reclaimable). The goal (issue:
-converter) is a peak below 1.5x the largest tensor plus the configured buffer (neither direction buffers). Throughput is bytes converted per second, reported as a ratio to the baseline's.
+the gloo group) count in neither peak nor time; their cost is a few seconds per run. Two peaks, both relative
+to the moment before the measured task: 'allocated' is the peak of `RssAnon` (memory the process allocated;
+sampled every 2 ms), the quantity the goal is about; 'resident' is the high-water mark `VmHWM`, which also
+counts file pages that safetensors' mmap reads map into the process (page cache, reclaimable). The goal
+(issue: converter) is a peak below 1.5x the largest tensor plus the configured buffer (neither direction
+buffers). Throughput is bytes converted per second, reported as a ratio to the baseline's.
 Every task runs twice (rounds alternate the three), after `os.sync()` so that no task pays for writing back
 the previous one's dirty pages; the table has the faster time and the higher peaks of the two. The page cache
 is not dropped (no root), alike for all three.
 
 Vocabulary 32000 is a multiple of 128, so import adds no padding rows; a vocabulary that needs padding makes
-import hold the embedding twice while it pads it (2x the largest tensor), which the note under the table
-states as well.
+import hold the embedding twice while it pads it (2x the largest tensor), which this benchmark does not cover.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert_memory.py            # writes benchmarks/results/convert_memory.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert_memory.py          # writes benchmarks/results/...
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert_memory.py --quick    # ~100 MB, prints only
 """
 
@@ -181,7 +181,8 @@ def main() -> None:
     try:
         total, largest = make_checkpoint(work / "hf", shape)
         make_checkpoint(work / "tiny_hf", TINY)
-        warm = {"baseline": (work / "tiny_hf", work / "tiny_copy"), "import": (work / "tiny_hf", work / "tiny_megatron"),
+        warm = {"baseline": (work / "tiny_hf", work / "tiny_copy"),
+                "import": (work / "tiny_hf", work / "tiny_megatron"),
                 "export": (work / "tiny_megatron", work / "tiny_export")}
         print(f"synthetic checkpoint: {total / 1e9:.2f} GB, largest tensor {largest / 2**20:.0f} MiB", flush=True)
         results: dict[str, dict] = {}

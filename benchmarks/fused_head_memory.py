@@ -22,7 +22,7 @@ The hidden size only scales the hidden states, the weight and their gradients, n
 the 8B model's size (slow on CPU). The trainer's peak at another h is the measured one plus T * dh * 4 bytes
 for the hidden gradient, which the report states for h = 4096 and 8192.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fused_head_memory.py           # writes benchmarks/results/fused_head_memory.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fused_head_memory.py         # writes benchmarks/results/...
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fused_head_memory.py --quick   # T=1024, V=16k, prints only
 """
 
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="T=1024, V=16384, print only")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT}; none with --quick)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results file (default {DEFAULT_OUT}; none with --quick)")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.vocab = 1024, 16384
@@ -112,8 +113,8 @@ def main() -> None:
         peak, _ = measure_memory(lambda: run_head(mode, *inputs, keep))
         seconds[mode] = time.perf_counter() - start
         results[mode] = (peak, keep)
-        print(f"[{mode}] extra peak {peak / 2**20:.1f} MiB ({peak / logits_bytes:.3f}x logits) in {seconds[mode]:.0f} s",
-              flush=True)
+        print(f"[{mode}] extra peak {peak / 2**20:.1f} MiB ({peak / logits_bytes:.3f}x logits) "
+              f"in {seconds[mode]:.0f} s", flush=True)
 
     ours, unfused = results["fused, main_grad"][1], results["unfused"][1]
     diffs = {k: float((ours[k] - unfused[k]).abs().max()) for k in ("logp", "ent", "grad_h", "grad_w")}

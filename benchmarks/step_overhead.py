@@ -31,7 +31,7 @@ set to keep and reuse freed memory as PyTorch's CUDA caching allocator does (see
 
 Run from the repository root (about three minutes at the defaults):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py            # writes benchmarks/results/step_overhead.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py            # writes benchmarks/results/...
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py --quick    # tiny sizes, 2 repeats, prints only
 """
 
@@ -297,7 +297,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, print only")
-    parser.add_argument("--out", type=Path, default=None, help=f"results file (default {DEFAULT_OUT}; none with --quick)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results file (default {DEFAULT_OUT}; none with --quick)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

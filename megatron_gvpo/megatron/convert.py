@@ -4,15 +4,16 @@ import: HF directory -> a Megatron checkpoint (torch_dist format) of the model w
     loads at any TP/PP/DP layout (`model.load`). The checkpoint's structure (sharded keys, global shapes, the
     layer axis, the gate/up split of linear_fc1) is taken from Megatron itself: a `GPTModel` built on the meta
     device (no memory) provides `sharded_state_dict()`, and the bytes of each shard are produced only when
-    PyTorch's checkpoint writer asks for them (`_MaterializingPlanner`): the HF tensors of that one
-    parameter are read, converted by the name maps of `megatron_gvpo.models.hf_maps`, written and dropped.
+    PyTorch's checkpoint writer asks for them (`_Materializer`, behind the planner of
+    `_streaming_strategy`): the HF tensors of that one parameter are read, converted by the name maps of
+    `megatron_gvpo.models.hf_maps`, written and dropped.
 export: a Megatron checkpoint (from import or from training) -> HF safetensors shards with an index,
     config.json, generation_config.json and the tokenizer files. Each HF tensor is made from the Megatron
     tensor it needs, loaded alone from the checkpoint (one layer's chunk of a stacked tensor is read, not
     the stack), and streamed into its shard file, whose header was written from a plan made up front.
 
-Both keep about one parameter's tensors in memory, so peak memory is a small multiple of the largest tensor,
-whatever the model size (measured in benchmarks/convert_memory.py). The HF files the model needs besides its weights
+Both keep about one parameter's tensors in memory, so peak memory is below 1.5x the largest tensor whatever
+the model size (measured in benchmarks/convert_memory.py). The HF files the model needs besides its weights
 (config, generation config, tokenizer) travel inside the Megatron checkpoint in `hf/`, so an exported model
 is complete. Output directories are written as `<out>.tmp` and renamed when complete: an interrupted run never
 leaves a directory that looks finished.
@@ -153,7 +154,8 @@ def meta_model(arch: Arch, padded_vocab: int, dtype: torch.dtype):
 
     config = transformer_config(arch, params_dtype=dtype, use_cpu_initialization=True, perform_initialization=False)
     with torch.device("meta"):
-        return build_gpt_model(arch, config, padded_vocab_size=padded_vocab, max_sequence_length=arch.max_position_embeddings)
+        return build_gpt_model(arch, config, padded_vocab_size=padded_vocab,
+                               max_sequence_length=arch.max_position_embeddings)
 
 
 def check_layout(arch: Arch, tp: int, pp: int, vpp: int | None) -> None:

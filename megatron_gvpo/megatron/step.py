@@ -179,7 +179,9 @@ def prepare_microbatches(
     return [layout_microbatch(mb, layout) for mb in micro]
 
 
-def run_schedule(chunks: list, micro_batches: list[dict], head: Head, *, forward_only: bool, cp_size: int = 1) -> list[dict]:
+def run_schedule(
+    chunks: list, micro_batches: list[dict], head: Head, *, forward_only: bool, cp_size: int = 1
+) -> list[dict]:
     """Megatron's forward-backward schedule over `micro_batches` (every pipeline stage passes the same list);
     returns the heads' metric dicts on the last stage, [] elsewhere."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -242,7 +244,8 @@ def forward_backward_gvpo(
 ) -> dict[str, float] | None:
     """Accumulate the GVPO gradient of the whole batch into the chunks' grad buffers; return the loss and the
     [N] sequence log-probs at the current weights (last stage, None elsewhere). `batch` must carry
-    `ref_seq_logp`. Gradients are not reduced across DP here: Megatron's `finalize_model_grads` (called by the schedule when configured) or the optimizer does that."""
+    `ref_seq_logp`. Gradients are not reduced across DP here: Megatron's `finalize_model_grads` (called by the
+    schedule when configured) or the optimizer does that."""
     n = batch["tokens"].shape[0]
     num_groups = num_valid_groups(batch["group_ids"])
     micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing)

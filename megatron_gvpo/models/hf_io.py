@@ -204,7 +204,8 @@ def _safetensors_header(shard) -> bytes:
     """8-byte little-endian length + JSON header, space-padded so the data starts 8-byte aligned."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype, nbytes in shard:
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)

@@ -8,8 +8,9 @@ rescaled to the global max after one all-reduce MAX (online softmax), then summe
 
 Memory beyond the inputs: two fp32 [chunk, V_local] buffers allocated once per call and reused by every
 chunk, the [T, h] hidden gradient and the [V_local, h] weight gradient (both needed by any output layer;
-with `main_grad_accumulation` the weight gradient goes straight into Megatron DDP's buffer instead). This removes the anchors' most reported OOM: a 8192-token sequence
-with a 128k vocabulary has 4 GiB of fp32 logits per TP rank before any softmax.
+with `main_grad_accumulation` the weight gradient goes straight into Megatron DDP's buffer instead). This
+removes the anchors' most reported OOM: a 8192-token sequence with a 128k vocabulary has 4 GiB of fp32 logits
+per TP rank before any softmax.
 
 Tensor parallelism: `hidden` is replicated over the TP group (the input of Megatron's column-parallel output
 layer), so its gradient is all-reduced over `tp_group` in backward, as Megatron's
@@ -163,7 +164,9 @@ def fused_linear_logprobs(
     """
     needs_weight_grad = torch.is_grad_enabled() and weight.requires_grad
     if main_grad_accumulation and needs_weight_grad and getattr(weight, "main_grad", None) is None:
-        raise ValueError("main_grad_accumulation needs a weight with a main_grad buffer (wrap the model in Megatron DDP)")
+        raise ValueError(
+            "main_grad_accumulation needs a weight with a main_grad buffer (wrap the model in Megatron DDP)"
+        )
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(
             f"shapes do not fit: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} (want [V_local, "
