@@ -27,7 +27,11 @@ from megatron_gvpo.ops.vocab_parallel import (
     _chunks,
     _group_rank_size,
     check_targets,
+    finish_stats,
     grad_logits_chunk,
+    op_outputs,
+    shard_targets,
+    upstream_grads,
     work_buffers,
 )
 
@@ -47,11 +51,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         vocab_local = weight_Vh.shape[0]
         work = torch.promote_types(hidden_Th.dtype, torch.float32)
         rank, _ = _group_rank_size(tp_group)
-        valid = max(0, min(vocab_local, vocab_size - rank * vocab_local))
+        valid, local_target_T, in_shard_T = shard_targets(targets_T, rank, vocab_local, vocab_size)
         w = weight_Vh[:valid]
-        local_target_T = targets_T - rank * vocab_local
-        in_shard_T = (local_target_T >= 0) & (local_target_T < valid)
-        local_target_T = torch.where(in_shard_T, local_target_T, torch.zeros_like(local_target_T))
 
         # Per token, relative to the LOCAL max m: sum exp(x - m), sum exp(x - m) (x - m), and x at the target.
         local_max_T = torch.full((num_tokens,), float("-inf"), dtype=work, device=hidden_Th.device)
@@ -87,28 +88,20 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             dim=1,
         )
         _all_reduce(stats_T3, dist.ReduceOp.SUM, tp_group)
-        log_sum_T = stats_T3[:, 0].log()
-        logp_T = stats_T3[:, 2] - log_sum_T
-        lse_T = max_T + log_sum_T
-        entropy_T = log_sum_T - stats_T3[:, 1] / stats_T3[:, 0] if return_entropy else logp_T.new_zeros(0)
+        logp_T, lse_T, entropy_T = finish_stats(max_T, stats_T3[:, 0], stats_T3[:, 2], stats_T3[:, 1], return_entropy)
 
         ctx.save_for_backward(hidden_Th, weight_Vh, local_target_T, in_shard_T, lse_T, entropy_T)
         ctx.tp_group, ctx.chunk_size, ctx.return_entropy = tp_group, chunk_size, return_entropy
         ctx.valid_columns, ctx.work_dtype = valid, work
         ctx.main_grad_accumulation = main_grad_accumulation
-        logp_out, entropy_out = logp_T.to(hidden_Th.dtype), entropy_T.to(hidden_Th.dtype)
-        if not return_entropy:
-            ctx.mark_non_differentiable(entropy_out)
-        return logp_out, entropy_out
+        return op_outputs(ctx, logp_T, entropy_T, hidden_Th.dtype, return_entropy)
 
     @staticmethod
     def backward(ctx, grad_logp_T, grad_entropy_T):
         hidden_Th, weight_Vh, local_target_T, in_shard_T, lse_T, entropy_T = ctx.saved_tensors
         valid, work = ctx.valid_columns, ctx.work_dtype
         w = weight_Vh[:valid]
-        g_logp_T = grad_logp_T.to(work) if grad_logp_T is not None else None
-        use_entropy = ctx.return_entropy and grad_entropy_T is not None
-        g_ent_T = grad_entropy_T.to(work) if use_entropy else None
+        g_logp_T, g_ent_T = upstream_grads(ctx, grad_logp_T, grad_entropy_T)
         num_tokens = hidden_Th.shape[0]
         grad_hidden = torch.zeros(hidden_Th.shape, dtype=work, device=hidden_Th.device)
         if ctx.main_grad_accumulation:
@@ -124,8 +117,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             h, logp = hidden_Th[s:e], logp_buf[: e - s]
             _chunk_logits(h, w, out=logp).sub_(lse_T[s:e, None])
             grad = grad_logits_chunk(
-                logp, p_buf[: e - s], entropy_T[s:e] if use_entropy else None,
-                g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
+                logp, p_buf[: e - s], entropy_T[s:e] if g_ent_T is not None else None,
+                g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if g_ent_T is not None else None,
                 local_target_T[s:e], in_shard_T[s:e],
             )
             # Matmuls in the parameters' dtype (as Megatron's output layer runs them), accumulation in fp32.

@@ -52,6 +52,39 @@ def work_buffers(rows: int, cols: int, dtype, device, count: int = 2) -> list[to
     return [torch.empty(rows, cols, dtype=dtype, device=device) for _ in range(count)]
 
 
+def shard_targets(targets_T: torch.Tensor, rank: int, vocab_local: int, vocab_size: int):
+    """(valid columns of this shard, local target ids (0 off-shard), mask of targets in this shard). Columns
+    past the true vocabulary (TP padding) are not tokens: they take no probability mass."""
+    valid = max(0, min(vocab_local, vocab_size - rank * vocab_local))
+    local_target_T = targets_T - rank * vocab_local
+    in_shard_T = (local_target_T >= 0) & (local_target_T < valid)
+    return valid, torch.where(in_shard_T, local_target_T, torch.zeros_like(local_target_T)), in_shard_T
+
+
+def finish_stats(max_T, sum_exp_T, target_z_T, sum_exp_z_T, return_entropy: bool):
+    """(log p at the target, log-sum-exp, entropy or an empty tensor) from the all-reduced statistics, all
+    relative to the global max: sum exp(z), z at the target, sum exp(z) * z with z = x - max."""
+    log_sum_T = sum_exp_T.log()
+    logp_T = target_z_T - log_sum_T
+    entropy_T = log_sum_T - sum_exp_z_T / sum_exp_T if return_entropy else logp_T.new_zeros(0)
+    return logp_T, max_T + log_sum_T, entropy_T
+
+
+def op_outputs(ctx, logp_T, entropy_T, dtype, return_entropy: bool):
+    """The autograd outputs in the input's dtype; without entropy its placeholder gets no gradient."""
+    logp_out, entropy_out = logp_T.to(dtype), entropy_T.to(dtype)
+    if not return_entropy:
+        ctx.mark_non_differentiable(entropy_out)
+    return logp_out, entropy_out
+
+
+def upstream_grads(ctx, grad_logp_T, grad_entropy_T):
+    """(grad of log p, grad of entropy or None) in the work dtype; the entropy's only when it was returned."""
+    g_logp_T = grad_logp_T.to(ctx.work_dtype) if grad_logp_T is not None else None
+    use_entropy = ctx.return_entropy and grad_entropy_T is not None
+    return g_logp_T, grad_entropy_T.to(ctx.work_dtype) if use_entropy else None
+
+
 def grad_logits_chunk(logp, p, entropy, g_logp, g_entropy, local_target, in_shard):
     """Gradient of sum(g_logp * log p_target + g_entropy * H) w.r.t. one chunk of local logits, written in
     place over `logp` = logits - lse [C, V_local]; `p` is a [C, V_local] buffer it also overwrites. No
@@ -77,13 +110,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         work = torch.promote_types(logits_TV.dtype, torch.float32)
         ctx.work_dtype = work
         rank, _ = _group_rank_size(tp_group)
-        # Columns past the true vocabulary (TP padding) are not tokens: they take no probability mass.
-        valid = max(0, min(vocab_local, vocab_size - rank * vocab_local))
+        valid, local_target_T, in_shard_T = shard_targets(targets_T, rank, vocab_local, vocab_size)
         ctx.valid_columns = valid
         logits_TV = logits_TV[:, :valid]
-        local_target_T = targets_T - rank * vocab_local
-        in_shard_T = (local_target_T >= 0) & (local_target_T < valid)
-        local_target_T = torch.where(in_shard_T, local_target_T, torch.zeros_like(local_target_T))
 
         max_T = torch.full((num_tokens,), float("-inf"), dtype=work, device=logits_TV.device)
         for s, e in _chunks(num_tokens if valid else 0, chunk_size):
@@ -110,18 +139,12 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             del z_buf, exp_buf
         _all_reduce(stats_T3, dist.ReduceOp.SUM, tp_group)
 
-        log_sum_T = stats_T3[:, 0].log()
-        logp_T = stats_T3[:, 1] - log_sum_T
-        lse_T = max_T + log_sum_T
-        entropy_T = log_sum_T - stats_T3[:, 2] / stats_T3[:, 0] if return_entropy else logp_T.new_zeros(0)
+        logp_T, lse_T, entropy_T = finish_stats(max_T, stats_T3[:, 0], stats_T3[:, 1], stats_T3[:, 2], return_entropy)
 
         ctx.save_for_backward(full_logits_TV, local_target_T, in_shard_T, lse_T, entropy_T)
         ctx.chunk_size = chunk_size
         ctx.return_entropy = return_entropy
-        logp_out, entropy_out = logp_T.to(logits_TV.dtype), entropy_T.to(logits_TV.dtype)
-        if not return_entropy:
-            ctx.mark_non_differentiable(entropy_out)
-        return logp_out, entropy_out
+        return op_outputs(ctx, logp_T, entropy_T, logits_TV.dtype, return_entropy)
 
     @staticmethod
     def backward(ctx, grad_logp_T, grad_entropy_T):
@@ -132,9 +155,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         full_grad_TV = (torch.empty_like if valid == full_logits_TV.shape[1] else torch.zeros_like)(full_logits_TV)
         logits_TV, grad_logits_TV = full_logits_TV[:, :valid], full_grad_TV[:, :valid]
         work = ctx.work_dtype
-        g_logp_T = grad_logp_T.to(work) if grad_logp_T is not None else None
-        use_entropy = ctx.return_entropy and grad_entropy_T is not None
-        g_ent_T = grad_entropy_T.to(work) if use_entropy else None
+        g_logp_T, g_ent_T = upstream_grads(ctx, grad_logp_T, grad_entropy_T)
 
         # The gradient is computed in place in its own rows when it has the work dtype (no copy, one buffer).
         in_place = full_grad_TV.dtype == work
@@ -146,8 +167,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             logp = grad_logits_TV[s:e] if in_place else rest[0][: e - s]
             torch.sub(logits_TV[s:e], lse_T[s:e, None], out=logp)
             grad = grad_logits_chunk(
-                logp, p_buf[: e - s], entropy_T[s:e] if use_entropy else None,
-                g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if use_entropy else None,
+                logp, p_buf[: e - s], entropy_T[s:e] if g_ent_T is not None else None,
+                g_logp_T[s:e] if g_logp_T is not None else None, g_ent_T[s:e] if g_ent_T is not None else None,
                 local_target_T[s:e], in_shard_T[s:e],
             )
             if not in_place:
