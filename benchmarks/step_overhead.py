@@ -222,20 +222,20 @@ def measure(s: dict) -> dict:
 
     fused_spec = dataclasses.replace(spec, fused=True, main_grad_accumulation=True)  # as the engine runs it
 
-    def gvpo_fused():
+    def gvpo_fused(strategy: str):
         # The same model returning hidden states for this step only (the instance-level forward override of
         # return_hidden_states is removed again afterwards).
         return_hidden_states(chunks[0].module)
         try:
-            gvpo_step(chunks, batch, ctx, s["mbs"], fused_spec, "group_atomic")
+            gvpo_step(chunks, batch, ctx, s["mbs"], fused_spec, strategy)
         finally:
             del chunks[0].module.output_layer.forward
 
     methods = {
         "sft": lambda: sft_step(chunks, micro),
-        "gvpo (fused head, default)": gvpo_fused,
+        "gvpo (fused head, default)": lambda: gvpo_fused("group_atomic"),
         "gvpo (logits head)": lambda: gvpo_step(chunks, batch, ctx, s["mbs"], spec, "group_atomic"),
-        "prepass (fused head)": lambda: gvpo_fused_prepass(chunks, batch, ctx, s["mbs"], fused_spec),
+        "prepass (fused head)": lambda: gvpo_fused("prepass"),
     }
 
     def reset():
@@ -267,16 +267,6 @@ def measure(s: dict) -> dict:
     dist.destroy_process_group()
     return dict(times=times, peaks=peaks, breakdown=breakdown, padded=padded, vocab=arch.vocab_size,
                 num_micro=len(micro), params=sum(p.numel() for c in chunks for p in c.parameters()))
-
-
-def gvpo_fused_prepass(chunks, batch, ctx, mbs, spec):
-    from megatron_gvpo.megatron.model import return_hidden_states
-
-    return_hidden_states(chunks[0].module)
-    try:
-        gvpo_step(chunks, batch, ctx, mbs, spec, "prepass")
-    finally:
-        del chunks[0].module.output_layer.forward
 
 
 def run_child(allocator: str, args) -> dict:

@@ -49,6 +49,7 @@ from megatron_gvpo.models.hf_io import (
     SafetensorsStreamWriter,
     copy_hf_assets,
     load_hf_config,
+    readinto_exactly,
     tensor_bytes,
 )
 from megatron_gvpo.models.hf_maps import expected_hf_names, hf_to_megatron, megatron_to_hf, rules
@@ -292,7 +293,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
     arch = arch_from_hf(config)
     check_layout(arch, tp, pp, vpp)
     hf = _checked_hf_tensors(arch, hf_dir)
-    torch_dtype = DTYPES[dtype] if dtype else _source_dtype(hf, arch)
+    torch_dtype = DTYPES[dtype] if dtype else hf.dtype_of(rules(arch)[0].hf[0])
     padded = padded_vocab_size(arch.vocab_size, tp)
     start = time.perf_counter()
     with single_process_megatron(), atomic_output_dir(out, force) as tmp, _progress_bar(progress, "import") as bar:
@@ -309,25 +310,21 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
     return materializer.summary
 
 
-def _source_dtype(hf, arch: Arch) -> torch.dtype:
-    first = next(iter(r.hf[0] for r in rules(arch)))
-    return hf[first].dtype
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_padded_vocab(ckpt: Path) -> int:
-    """The (padded) vocabulary size stored in a Megatron checkpoint: the embedding's global row count."""
+def stored_embedding(ckpt: Path) -> tuple[int, torch.dtype]:
+    """(padded vocabulary size, parameter dtype) of a Megatron checkpoint, from its embedding's metadata."""
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(str(ckpt)).read_metadata()
     key = "embedding.word_embeddings.weight"
     if key not in metadata.state_dict_metadata:
         raise ValueError(f"{ckpt}: no {key} in the checkpoint; is it a Megatron GPT checkpoint?")
-    return int(metadata.state_dict_metadata[key].size[0])
+    stored = metadata.state_dict_metadata[key]
+    return int(stored.size[0]), stored.properties.dtype
 
 
 def _shard_table(model) -> dict[str, list[tuple[str, tuple[int, ...], torch.Tensor]]]:
@@ -462,14 +459,8 @@ def _read_stored_tensor_into(path: Path, offset: int, length: int, dest: torch.T
                     or records[0].file_size != dest.nbytes
                     or (byteorder and archive.read(byteorder[0]).strip() != b"little")):
                 return False
-            target = tensor_bytes(dest)
             with archive.open(records[0]) as src:
-                done = 0
-                while done < len(target):
-                    got = src.readinto(target[done:done + (64 << 20)])
-                    if not got:
-                        raise ValueError(f"{path}: stored tensor ends after {done} of {len(target)} bytes")
-                    done += got
+                readinto_exactly(src, tensor_bytes(dest), f"{path}: stored tensor {records[0].filename}")
     return True
 
 
@@ -484,12 +475,11 @@ def export_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str | None = 
                          "`convert_hf.py import` carry it)")
     config = load_hf_config(assets)
     arch = arch_from_hf(config)
-    padded = checkpoint_padded_vocab(ckpt)
+    padded, stored_dtype = stored_embedding(ckpt)
+    torch_dtype = DTYPES[dtype] if dtype else stored_dtype
     summary = ConvertSummary()
     start = time.perf_counter()
     with single_process_megatron(), atomic_output_dir(out, force) as tmp, _progress_bar(progress, "export") as bar:
-        stored_dtype = _checkpoint_dtype(ckpt)
-        torch_dtype = DTYPES[dtype] if dtype else stored_dtype
         model = meta_model(arch, padded, stored_dtype)
         table = _shard_table(model)
         shapes = {name: p.shape for name, p in model.named_parameters()}
@@ -506,20 +496,13 @@ def export_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str | None = 
                 summary.tensors += 1
                 summary.bytes += tensor.nbytes
                 bar(tensor.nbytes)
-            del params, tensor
+            params = tensor = None  # before trimming: the last tensor is still bound to the loop variable
             release_free_memory()
         writer.close()
         copy_hf_assets(assets, tmp)
         _finish_hf_config(tmp, config, torch_dtype)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _checkpoint_dtype(ckpt: Path) -> torch.dtype:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    metadata = FileSystemReader(str(ckpt)).read_metadata()
-    return metadata.state_dict_metadata["embedding.word_embeddings.weight"].properties.dtype
 
 
 def _finish_hf_config(out: Path, config, dtype: torch.dtype) -> None:

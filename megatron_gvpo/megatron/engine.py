@@ -131,9 +131,9 @@ class MegatronEngine:
         if cfg.model.load:
             from megatron_gvpo.megatron.checkpoint import load_model_weights
 
-            for chunks_ in (self.chunks, self.reference or []):
-                if chunks_:
-                    load_model_weights(chunks_, cfg.model.load)
+            load_model_weights(self.chunks, cfg.model.load)
+            if self.reference is not None:
+                load_model_weights(self.reference, cfg.model.load)
         self.skipped_steps = 0
 
     # ---------------------------------------------------------------------------------------------------

@@ -67,6 +67,16 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
 
 
+def readinto_exactly(stream, target: memoryview, what: str, chunk_bytes: int = 64 << 20) -> None:
+    """Fill `target` from `stream`, `chunk_bytes` per call; a stream that ends early is an error naming `what`."""
+    done = 0
+    while done < len(target):
+        got = stream.readinto(target[done:done + chunk_bytes])
+        if not got:
+            raise ValueError(f"{what} is truncated: {done} of {len(target)} bytes")
+        done += got
+
+
 class SafetensorsCheckpoint(Mapping):
     """Lazy name -> tensor mapping over a directory's safetensors shards (with or without an index file).
 
@@ -99,7 +109,8 @@ class SafetensorsCheckpoint(Mapping):
             self._headers[file] = (header, 8 + size)
         return self._headers[file]
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> tuple[Path, dict, int, torch.dtype]:
+        """(file, header entry, offset of its data section, dtype) of one tensor, from the header alone."""
         if name not in self._file_of:
             raise KeyError(name)
         file = self._file_of[name]
@@ -110,19 +121,21 @@ class SafetensorsCheckpoint(Mapping):
         dtype = _DTYPE_OF.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        return file, entry, data_start, dtype
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """A tensor's dtype without reading it."""
+        return self._entry(name)[3]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file, entry, data_start, dtype = self._entry(name)
         out = torch.empty(entry["shape"], dtype=dtype)
         begin, end = entry["data_offsets"]
         if end - begin != out.nbytes:
             raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {entry['shape']} {dtype}")
-        target = tensor_bytes(out)
         with open(file, "rb", buffering=0) as f:
             f.seek(data_start + begin)
-            done = 0
-            while done < len(target):
-                got = f.readinto(target[done:])
-                if not got:
-                    raise ValueError(f"{file}: truncated inside tensor {name!r}")
-                done += got
+            readinto_exactly(f, tensor_bytes(out), f"{file}: tensor {name!r}")
         return out
 
     def __iter__(self) -> Iterator[str]:

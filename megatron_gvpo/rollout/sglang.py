@@ -204,7 +204,7 @@ class SGLangClient:
             return []
         if sampling.seed is not None:
             self._check_deterministic()
-        # Contiguous slices of prompts per server: each request stays one batch for its server.
+        # Prompts dealt round-robin over the servers; each server gets its share as one batched request.
         parts = [list(range(len(prompts)))[s::len(self.urls)] for s in range(len(self.urls))]
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
             futures = [pool.submit(self._generate_on, s, [prompts[i] for i in idx], idx, sampling)

@@ -94,21 +94,17 @@ def write_hf_checkpoint(chunks: list, arch: Arch, ctx: ParallelContext, padded_v
         directory.mkdir(parents=True)
     dist.barrier()
     file = f"model-stage{ctx.pp_rank:03d}.safetensors"
-    names: list[str] = []
+    plan = hf_plan(chunks, arch, ctx, padded_vocab, dtype) if _sender(ctx) else []
     if ctx.dp_rank == 0:
-        writer = None
-        if ctx.tp_rank == 0:
-            writer = SafetensorsStreamWriter(directory, hf_plan(chunks, arch, ctx, padded_vocab, dtype),
-                                             max_shard_bytes=0, single_file=file)
-        for name, tensor in hf_tensors(chunks, arch, ctx, padded_vocab, dtype):
+        writer = SafetensorsStreamWriter(directory, plan, max_shard_bytes=0, single_file=file) if plan else None
+        for name, tensor in hf_tensors(chunks, arch, ctx, padded_vocab, dtype):  # yields on the sender only
             writer.write(name, tensor)
-            names.append(name)
         if writer is not None:
             writer.close()
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (file, names) if _sender(ctx) else None)
+    dist.all_gather_object(gathered, {name: file for name, _, _ in plan})
     if rank == 0:
-        weight_map = {n: f for entry in gathered if entry for f, ns in [entry] for n in ns}
+        weight_map = {name: f for stage in gathered for name, f in stage.items()}
         (directory / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
         copy_hf_assets(Path(hf_assets), directory)
@@ -120,21 +116,12 @@ def sync_weights_from_disk(chunks: list, arch: Arch, ctx: ParallelContext, padde
                            directory: str | Path, hf_assets: str | Path, version: str,
                            dtype: torch.dtype = torch.float32, timeout_s: float = 600.0) -> None:
     """Collective: write the weights (`write_hf_checkpoint`) and load them into every server as `version`."""
-    from megatron_gvpo.rollout.sglang import _http
-
     path = write_hf_checkpoint(chunks, arch, ctx, padded_vocab, directory, hf_assets, dtype)
     error = None
     if dist.get_rank() == 0:
-        for url in urls:
-            answer = _http(f"{url}/update_weights_from_disk",
-                           {"model_path": str(path), "weight_version": version, "flush_cache": True}, timeout_s)
-            if not answer.get("success"):
-                error = f"{url} refused the weights of {path}: {answer.get('message')}"
-                break
-    errors = [error]
-    dist.broadcast_object_list(errors, src=0)
-    if errors[0]:
-        raise RolloutError(errors[0])
+        request = {"model_path": str(path), "weight_version": version, "flush_cache": True}
+        error = next((e for u in urls if (e := _post_ok(u, "/update_weights_from_disk", request, timeout_s))), None)
+    _raise_if_any(error)
 
 
 def _post_ok(url: str, route: str, payload: dict, timeout_s: float) -> str | None:
