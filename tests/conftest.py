@@ -1,4 +1,5 @@
-"""Shared fixtures: a persistent gloo pool per world size for the whole session (see gloo_pool.py)."""
+"""Shared fixtures: a persistent gloo pool per world size for the whole session (see gloo_pool.py), and one
+SGLang server on a tiny model for the rollout tests (started on first use, stopped at the end)."""
 
 import os
 
@@ -34,3 +35,51 @@ def gloo():
     pools = _Pools()
     yield pools
     pools.close()
+
+
+@pytest.fixture(scope="session")
+def sglang_model_dirs(tmp_path_factory):
+    """(a tiny random Llama with the addition tokenizer, the same model after tools/convert_hf.py import with
+    TP2 padding + export): SGLang serves the export, transformers (the oracle) loads the original, so equal
+    outputs also show that SGLang loads what export writes."""
+    import transformers
+
+    from megatron_gvpo.data import addition
+    from megatron_gvpo.megatron.convert import export_hf, import_hf
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    original = root / "hf"
+    addition.build_tokenizer(original)
+    tok = transformers.AutoTokenizer.from_pretrained(original)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights than the default init, so greedy choices are not near-ties
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(original)
+    import_hf(original, root / "megatron", tp=2, progress=False)
+    export_hf(root / "megatron", root / "export", progress=False)
+    return original, root / "export"
+
+
+@pytest.fixture(scope="session")
+def sglang_server(sglang_model_dirs):
+    """The export of `sglang_model_dirs`, served. Tests that change its weights restore them."""
+    from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
+
+    with SGLangServer(SGLangServerConfig(model_path=str(sglang_model_dirs[1]), max_total_tokens=4096)) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def addition_prompts(sglang_model_dirs) -> list[list[int]]:
+    """Three addition prompts as token ids."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(sglang_model_dirs[0])
+    return [tok.encode(p, add_special_tokens=False) for p in ("12+34=", "7+5=", "123+456=")]

@@ -1,8 +1,8 @@
 """Contract of the SGLang rollout engine (megatron_gvpo/rollout/sglang.py) against a real SGLang server.
 
-The server is `python -m sglang.launch_server` on a tiny random Llama built here with a locally trained
+The server is `python -m sglang.launch_server` on a tiny random Llama built at test time with a locally trained
 tokenizer, converted to Megatron and back by tools/convert_hf.py (so SGLang serves an exported model), on
-SGLang's CPU path. Pinned: greedy token ids and log-probs equal Hugging Face transformers'
+SGLang's CPU path (fixtures in conftest.py). Pinned: greedy token ids and log-probs equal Hugging Face transformers'
 (the independent oracle) on the same weights; grouped sampling returns n independent samples per prompt, in
 prompt order, reproducible through the server's seed (a per-request seed the server would ignore is refused);
 finish reasons are honest ('length' when cut by max_new_tokens);
@@ -16,57 +16,30 @@ import signal
 import pytest
 import torch
 
-from megatron_gvpo.rollout.base import RolloutError, SamplingParams
+from megatron_gvpo.rollout.base import RolloutError, SamplingParams, StaleWeightsError, require_weight_version
 from megatron_gvpo.rollout.sglang import SGLangClient, SGLangServer, SGLangServerConfig
 
 pytest.importorskip("sglang", reason="SGLang is installed by `tools/setup_venv.sh --test`")
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    """(the HF model, the same model after tools/convert_hf.py import + export): the server loads the export,
-    the transformers oracle the original, so equal outputs also show that SGLang loads what export writes."""
-    import transformers
-
-    from megatron_gvpo.data import addition
-    from megatron_gvpo.megatron.convert import export_hf, import_hf
-
-    root = tmp_path_factory.mktemp("tiny_llama")
-    original = root / "hf"
-    addition.build_tokenizer(original)
-    tok = transformers.AutoTokenizer.from_pretrained(original)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # larger weights than the default init, so greedy choices are not near-ties
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.save_pretrained(original)
-    import_hf(original, root / "megatron", tp=2, progress=False)
-    export_hf(root / "megatron", root / "export", progress=False)
-    return original, root / "export"
+def model_dirs(sglang_model_dirs):
+    return sglang_model_dirs
 
 
 @pytest.fixture(scope="module")
-def model_dir(model_dirs):
-    return model_dirs[0]
+def model_dir(sglang_model_dirs):
+    return sglang_model_dirs[0]
 
 
 @pytest.fixture(scope="module")
-def server(model_dirs):
-    with SGLangServer(SGLangServerConfig(model_path=str(model_dirs[1]), max_total_tokens=4096)) as s:
-        yield s
+def server(sglang_server):
+    return sglang_server
 
 
-def prompts(model_dir):
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return [tok.encode(p, add_special_tokens=False) for p in ("12+34=", "7+5=", "123+456=")]
+@pytest.fixture(scope="module")
+def ps(addition_prompts):
+    return addition_prompts
 
 
 def hf_greedy(model_dir, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
@@ -87,9 +60,8 @@ def hf_greedy(model_dir, prompt: list[int], steps: int) -> tuple[list[int], list
     return out, logps
 
 
-def test_greedy_equals_transformers(server, model_dir):
+def test_greedy_equals_transformers(server, model_dir, ps):
     client = SGLangClient([server.url])
-    ps = prompts(model_dir)
     groups = client.generate(ps, SamplingParams(n=1, temperature=0.0, max_new_tokens=8))
     assert [len(g) for g in groups] == [1, 1, 1]
     for prompt, (sample,) in zip(ps, groups, strict=True):
@@ -120,37 +92,35 @@ def check_groups(groups, n: int, max_new_tokens: int) -> None:
             assert len(x.token_ids) == max_new_tokens
 
 
-def test_grouped_sampling_is_distinct_and_ordered_and_refuses_an_ignored_seed(server, model_dir):
+def test_grouped_sampling_is_distinct_and_ordered_and_refuses_an_ignored_seed(server, ps):
     client = SGLangClient([server.url])
-    ps = prompts(model_dir)
     check_groups(client.generate(ps, SamplingParams(n=4, temperature=1.0, max_new_tokens=6)), 4, 6)
     with pytest.raises(ValueError, match="without --enable-deterministic-inference"):
         client.generate(ps, SamplingParams(n=4, temperature=1.0, max_new_tokens=6, seed=1))
 
 
-def test_unreachable_server_is_retried_elsewhere_then_fails_clearly(server, model_dir):
+def test_unreachable_server_is_retried_elsewhere_then_fails_clearly(server, ps):
     from megatron_gvpo.utils.distributed import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     client = SGLangClient([dead, server.url], retries=1)
-    groups = client.generate(prompts(model_dir), SamplingParams(n=2, temperature=0.0, max_new_tokens=3))
+    groups = client.generate(ps, SamplingParams(n=2, temperature=0.0, max_new_tokens=3))
     assert [len(g) for g in groups] == [2, 2, 2]
     with pytest.raises(RolloutError, match="failed on every server"):
-        SGLangClient([dead], retries=1).generate(prompts(model_dir), SamplingParams(max_new_tokens=3))
+        SGLangClient([dead], retries=1).generate(ps, SamplingParams(max_new_tokens=3))
 
 
 def test_server_that_never_becomes_healthy_fails_within_its_deadline(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # no weights: start-up cannot succeed
     server = SGLangServer(SGLangServerConfig(model_path=str(tmp_path), startup_timeout_s=60))
-    with pytest.raises(RolloutError, match=r"SGLang server (exited with code|at .* not healthy after)"):
+    with pytest.raises(RolloutError, match=r"SGLang server (exited with code|at .* not ready after)"):
         server.start()
     assert not server.alive()
 
 
-def test_server_seed_reproduces_samples_and_a_killed_server_errors(model_dir):
+def test_server_seed_reproduces_samples_and_a_killed_server_errors(model_dir, ps):
     """Two fresh servers with the same random_seed give the same samples for the same requests (CPU has no
     per-request seeds); then the second one is killed and the next request is a RolloutError."""
-    ps = prompts(model_dir)
     sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=6)
     runs = []
     for _ in range(2):
@@ -169,6 +139,68 @@ def test_server_seed_reproduces_samples_and_a_killed_server_errors(model_dir):
             server.stop()
     check_groups(runs[0], 4, 6)
     assert [[x.token_ids for x in g] for g in runs[0]] == [[x.token_ids for x in g] for g in runs[1]]
+
+
+def generate_in_background(client, ps, sampling):
+    """Start client.generate in a thread; returns (thread, out) where out gets 'groups' or 'error'."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["groups"] = client.generate(ps, sampling)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            out["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+LONG = SamplingParams(n=2, temperature=1.0, max_new_tokens=600, ignore_eos=True)  # ~ seconds, no early EOS
+
+
+def test_abort_marks_every_unfinished_sample(server, ps):
+    """abort_all during a rollout: every sample comes back marked 'abort', none passes as complete."""
+    import time
+
+    client = SGLangClient([server.url], timeout_s=120)
+    thread, out = generate_in_background(client, ps, SamplingParams(n=2, max_new_tokens=2000, ignore_eos=True))
+    time.sleep(1.0)
+    assert thread.is_alive(), "the rollout ended before the abort: make it longer"
+    client.abort_all()
+    thread.join(60)
+    samples = [x for g in out["groups"] for x in g]
+    assert len(samples) == 6
+    assert all(x.finish_reason == "abort" and not x.complete and len(x.token_ids) < 2000 for x in samples)
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_server_killed_mid_rollout_fails_over_or_errors(server, model_dirs, retries, ps):
+    """Two servers share the prompts; one is SIGKILLed while it generates. With a retry its prompts are
+    generated again on the other server: every group is whole and came from the live server (no partial
+    samples of the dead one). Without, the call is a RolloutError and returns nothing."""
+    import time
+
+    doomed = SGLangServer(SGLangServerConfig(model_path=str(model_dirs[1]), max_total_tokens=4096)).start()
+    try:
+        client = SGLangClient([server.url, doomed.url], timeout_s=120, retries=retries)
+        thread, out = generate_in_background(client, ps * 2, LONG)  # prompts 1, 3, 5 go to the doomed server
+        time.sleep(0.5)
+        assert thread.is_alive(), "the rollout ended before the kill: make it longer"
+        os.killpg(doomed.process.pid, signal.SIGKILL)
+        thread.join(120)
+    finally:
+        doomed.stop()
+    if retries:
+        groups = out["groups"]
+        assert [len(g) for g in groups] == [2] * 6  # all 6 prompts, each whole
+        assert all(x.info["server"] == server.url and x.finish_reason == "length" and len(x.token_ids) == 600
+                   for g in groups for x in g)
+    else:
+        assert "groups" not in out and isinstance(out["error"], RolloutError)
+        assert doomed.url in str(out["error"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,7 +226,7 @@ def score_batch(url: str, batch: dict) -> list[float]:
 
 def weight_sync_run(model_dir, url, sync_dir, method):
     """Every rank of a TP2 x PP2 trainer: take an optimizer step (weights move away from the served ones),
-    score a batch before and after `sync_weights_from_disk`; rank 0 returns what it saw."""
+    score a batch before and after a sync by `method`; rank 0 returns what it saw."""
     import torch.distributed as dist
 
     from megatron_gvpo.config import Config, config_from_dict
@@ -204,7 +236,11 @@ def weight_sync_run(model_dir, url, sync_dir, method):
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
-    from megatron_gvpo.rollout.weight_sync import sync_weights_from_disk, sync_weights_from_tensor
+    from megatron_gvpo.rollout.weight_sync import (
+        DistributedWeightSync,
+        sync_weights_from_disk,
+        sync_weights_from_tensor,
+    )
 
     apply_cpu_compat()
     cfg = config_from_dict(Config, {}, [
@@ -230,23 +266,34 @@ def weight_sync_run(model_dir, url, sync_dir, method):
         padded = padded_vocab_size(arch.vocab_size, ctx.tp_size)
         if method == "disk":
             sync_weights_from_disk(engine.chunks, arch, ctx, padded, [url], sync_dir, model_dir, version="step-1")
-        else:  # small buckets, so that a sync takes several requests
+        elif method == "tensor":  # small buckets, so that a sync takes several requests
             sync_weights_from_tensor(engine.chunks, arch, ctx, padded, [url], version="step-1", bucket_bytes=40_000)
+        else:
+            sync = DistributedWeightSync(arch, ctx, padded, [url], bucket_bytes=40_000, timeout_s=120)
+            sync.connect()
+            try:
+                sync.sync(engine.chunks, version="step-1")
+            finally:
+                sync.close()
         after = score_batch(url, batch) if dist.get_rank() == 0 else None
         return trainer, before, after
     finally:
         destroy_parallel()
 
 
-@pytest.mark.parametrize("method", ["disk", "tensor"])
-def test_weight_sync_makes_sglang_score_like_the_trainer(gloo, server, model_dirs, tmp_path, method):
+@pytest.mark.parametrize("method", ["disk", "tensor", "distributed"])
+def test_weight_sync_makes_sglang_score_like_the_trainer(gloo, server, model_dirs, tmp_path, method, ps):
+    """Also: the samples carry the synced weight version, and a batch checked against another one is refused."""
     from megatron_gvpo.rollout.sglang import _http
 
     try:
         trainer, before, after = gloo.run(4, weight_sync_run, str(model_dirs[0]), server.url, str(tmp_path / "sync"),
                                           method)[0]
-        sample = SGLangClient([server.url]).generate([[3, 4, 5]], SamplingParams(max_new_tokens=2, temperature=0.0))
-        assert sample[0][0].weight_version == "step-1"
+        groups = SGLangClient([server.url]).generate(ps, SamplingParams(n=2, max_new_tokens=2))
+        require_weight_version(groups, "step-1")
+        with pytest.raises(StaleWeightsError, match=r"6 of 6 samples carry weight version\(s\) \['step-1'\], "
+                                                    r"expected 'step-2'"):
+            require_weight_version(groups, "step-2")
     finally:  # the module's other tests (and the next method) expect the served model to be the initial one
         answer = _http(f"{server.url}/update_weights_from_disk",
                        {"model_path": str(model_dirs[1]), "weight_version": "initial"}, 120)
@@ -255,3 +302,35 @@ def test_weight_sync_makes_sglang_score_like_the_trainer(gloo, server, model_dir
     assert max(abs(a - b) for a, b in zip(trainer, before, strict=True)) > 1e-2
     # ... and after the sync exactly like the trainer's Megatron model (independent implementations).
     assert max(abs(a - b) for a, b in zip(trainer, after, strict=True)) < 1e-4
+
+
+def unreachable_sync_run(url):
+    """Both ranks of a TP2 trainer sync to a server that is not there; each returns the error it got."""
+    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
+    from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
+    from megatron_gvpo.rollout.weight_sync import DistributedWeightSync, sync_weights_from_tensor
+
+    apply_cpu_compat()
+    ctx = initialize_parallel(ParallelConfig(tp=2), seed=0)
+    errors = []
+    try:
+        for sync in (lambda: DistributedWeightSync(None, ctx, 0, [url], timeout_s=10).connect(),
+                     lambda: sync_weights_from_tensor([], None, ctx, 0, [url], version="v", timeout_s=10)):
+            try:
+                sync()
+            except RolloutError as e:
+                errors.append(str(e))
+        return errors
+    finally:
+        destroy_parallel()
+
+
+def test_weight_sync_to_an_unreachable_server_fails_on_every_rank(gloo):
+    """A failed request on the sending rank becomes a RolloutError on every rank (none is left waiting in a
+    collective), naming the server."""
+    from megatron_gvpo.utils.distributed import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    for errors in gloo.run(2, unreachable_sync_run, url):
+        assert len(errors) == 2 and all(url in e for e in errors)

@@ -50,13 +50,15 @@ class SGLangServerConfig:
     dtype: str = "auto"
     """SGLang's --dtype. On CPU 'auto' becomes float32: SGLang's own 'auto' runs an fp32 checkpoint in fp16."""
     random_seed: int = 0
+    weight_version: str = "default"
+    """The version the served weights start with (samples carry it until the first weight sync)."""
     deterministic: bool = False
     """--enable-deterministic-inference: SGLang honours per-request sampling seeds only with it."""
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     startup_timeout_s: float = 180.0
     log_path: str | None = None
-    """Server stdout/stderr; None: a file next to nothing in particular (a temp file)."""
+    """Server stdout/stderr; None: a temp file."""
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -67,27 +69,141 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class SGLangServer:
-    """One supervised `python -m sglang.launch_server` process (module docstring)."""
+class _PortTaken(Exception):
+    """The process could not bind its port: another program took it after it was chosen."""
 
-    def __init__(self, cfg: SGLangServerConfig):
+
+class SupervisedProcess:
+    """A child program with an HTTP readiness check: started in its own session with its output in a log file,
+    awaited with a deadline (failing with the log's tail), and stopped with everything it spawned.
+    Subclasses give `name`, `command()`, `environment()` and `ready()`."""
+
+    name = "process"
+
+    def __init__(self, host: str, port: int | None, log_path: str | None, startup_timeout_s: float):
         from megatron_gvpo.utils.distributed import free_port
 
-        self.cfg = cfg
-        self.port = cfg.port or free_port()
-        self.url = f"http://{cfg.host}:{self.port}"
+        self.host = host
+        self.port = port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
-        if cfg.log_path:
-            self.log_path = Path(cfg.log_path)
+        if log_path:
+            self.log_path = Path(log_path)
         else:
             import tempfile
 
-            self.log_path = Path(tempfile.mkstemp(prefix="sglang_server_", suffix=".log")[1])
+            self.log_path = Path(tempfile.mkstemp(prefix=f"{self.name.replace('-', '_')}_", suffix=".log")[1])
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready to serve, what is still missing, for the error message)."""
+        return health(self.url, timeout_s=2.0), "no answer to /health"
+
+    def start(self, attempts: int = 3):
+        """Start and wait until ready. A free port can be taken by another program between choosing and
+        binding it (busy test machines do it); then the process is restarted on another free port."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        from megatron_gvpo.utils.distributed import free_port
+
+        for attempt in range(attempts):
+            with open(self.log_path, "ab") as log:
+                self._log_offset = log.tell()
+                self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                                env=self.environment(), start_new_session=True)
+            try:
+                self.wait_ready(self.startup_timeout_s)
+                return self
+            except _PortTaken:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise RolloutError(f"{self.name}: port {self.port} and {attempts - 1} others were taken "
+                                       f"while it started; log {self.log_path}") from None
+                self.port = free_port(self.host)
+                self.url = f"http://{self.host}:{self.port}"
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        missing = "not started"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RolloutError(f"{self.name} exited with code {self.process.returncode} during start-up; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
+            ok, missing = self.ready()
+            if ok:
+                return
+            if self._port_taken():
+                raise _PortTaken
+            time.sleep(0.5)
+        self.stop()
+        raise RolloutError(f"{self.name} at {self.url} not ready after {timeout_s:.0f} s (startup_timeout_s; {missing}); "
+                           f"log {self.log_path}:\n{self.log_tail()}")
+
+    def _port_taken(self) -> bool:
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(getattr(self, "_log_offset", 0))
+                return b"address already in use" in log.read().lower()
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """Stop the process and every process it spawned. SIGTERM goes to the leader only, which drains and
+        stops its children (signalling SGLang's whole group kills the scheduler first, which the leader treats
+        as a crash: a diagnostics pause, then SIGKILL of itself); whatever is left after `grace_s` is killed."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # whatever is left of the group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.process.poll() is None:
+            self.process.wait(5.0)
+        self.process = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SGLangServer(SupervisedProcess):
+    """One supervised `python -m sglang.launch_server` process (module docstring)."""
+
+    name = "SGLang server"
+
+    def __init__(self, cfg: SGLangServerConfig):
+        self.cfg = cfg
+        super().__init__(cfg.host, cfg.port, cfg.log_path, cfg.startup_timeout_s)
 
     def command(self) -> list[str]:
         c = self.cfg
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path, "--host", c.host,
-               "--port", str(self.port), "--tp-size", str(c.tp), "--random-seed", str(c.random_seed)]
+               "--port", str(self.port), "--tp-size", str(c.tp), "--random-seed", str(c.random_seed),
+               "--weight-version", c.weight_version]
         if c.deterministic:
             cmd += ["--enable-deterministic-inference"]
         if c.mem_fraction_static is not None:
@@ -106,63 +222,6 @@ class SGLangServer:
             env.setdefault("OMP_NUM_THREADS", "1")  # torch_native attention stalls with 2 threads on 2 cores
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUBS), env.get("PYTHONPATH", "")) if p)
         return env
-
-    def start(self) -> SGLangServer:
-        if self.process is not None and self.process.poll() is None:
-            return self
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environment(), start_new_session=True)
-        self.wait_healthy(self.cfg.startup_timeout_s)
-        return self
-
-    def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RolloutError(f"SGLang server exited with code {self.process.returncode} during start-up; "
-                                   f"log {self.log_path}:\n{self.log_tail()}")
-            if health(self.url, timeout_s=2.0):
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise RolloutError(f"SGLang server at {self.url} not healthy after {timeout_s:.0f} s "
-                           f"(rollout.startup_timeout_s); log {self.log_path}:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        """Stop the server and every process it spawned (scheduler, detokenizer). SIGTERM goes to the leader
-        only, which drains and stops its children; signalling the whole group kills the scheduler first,
-        which the leader treats as a crash (a diagnostics pause, then SIGKILL of itself)."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:  # whatever is left of the group
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.process.poll() is None:
-            self.process.wait(5.0)
-        self.process = None
-
-    def __enter__(self) -> SGLangServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _http(url: str, payload: dict | None, timeout_s: float) -> dict | list:
@@ -225,7 +284,7 @@ class SGLangClient:
             except (urllib.error.URLError, ConnectionError, OSError) as e:
                 if isinstance(e, TimeoutError) or "timed out" in str(e):
                     raise RolloutError(f"rollout request to {url} timed out after {self.timeout_s:.0f} s") from e
-                last = e
+                last = f"{url}: {e!r}"
                 continue
             return self._parse(answer, indices, sampling.n, url)
         raise RolloutError(f"rollout request failed on every server ({self.retries + 1} attempts): {last}")
@@ -233,7 +292,8 @@ class SGLangClient:
     @staticmethod
     def _payload(prompts: list[list[int]], indices: list[int], s: SamplingParams) -> dict:
         params = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
-                  "max_new_tokens": s.max_new_tokens, "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids)}
+                  "max_new_tokens": s.max_new_tokens, "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
+                  "ignore_eos": s.ignore_eos}
         if s.seed is None:
             return {"input_ids": prompts, "sampling_params": {**params, "n": s.n}, "return_logprob": True}
         # One request per sample, each with its own seed (see the module docstring).
@@ -266,7 +326,7 @@ class SGLangClient:
             groups.setdefault(prompt, []).append(Sample(
                 prompt_index=prompt, token_ids=token_ids, logprobs=logprobs, finish_reason=kind,
                 weight_version=meta.get("weight_version"), text=out.get("text"),
-                info={"finish_reason": reason, "e2e_latency": meta.get("e2e_latency"),
+                info={"server": url, "finish_reason": reason, "e2e_latency": meta.get("e2e_latency"),
                       "cached_tokens": meta.get("cached_tokens")},
             ))
         return groups
@@ -274,8 +334,14 @@ class SGLangClient:
     def _check_deterministic(self) -> None:
         for url in self.urls:
             if url not in self._deterministic:
-                info = _http(f"{url}/server_info", None, 30.0)
-                self._deterministic[url] = bool(info.get("enable_deterministic_inference"))
+                try:
+                    info = _http(f"{url}/server_info", None, 30.0)
+                except (urllib.error.URLError, OSError) as e:
+                    raise ValueError(
+                        f"sampling seed given, but {url}/server_info does not say whether the server runs with "
+                        f"--enable-deterministic-inference ({e}); an sglang-router does not forward /server_info "
+                        "(nor per-request seeds): send seeded requests to the servers themselves") from None
+                self._deterministic[url] = isinstance(info, dict) and bool(info.get("enable_deterministic_inference"))
             if not self._deterministic[url]:
                 raise ValueError(
                     f"sampling seed given, but the SGLang server at {url} runs without "
@@ -288,9 +354,15 @@ class SGLangClient:
         return all(health(u) for u in self.urls)
 
     def abort_all(self) -> None:
-        for url in self.urls:
+        """Abort every request on every server: their samples come back with finish_reason 'abort'. A server
+        that is down has nothing to abort; one that refuses (an sglang-router has no /abort_request: abort on
+        its workers, `router.worker_urls`) is a RolloutError."""
+        for url in set(self.urls):
             try:
                 _http(f"{url}/abort_request", {"abort_all": True}, 30.0)
+            except urllib.error.HTTPError as e:
+                raise RolloutError(f"{url}/abort_request: HTTP {e.code}; behind an sglang-router, abort on its "
+                                   "workers (megatron_gvpo.rollout.router.worker_urls)") from None
             except (urllib.error.URLError, OSError):
                 pass
 

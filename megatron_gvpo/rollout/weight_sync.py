@@ -7,7 +7,7 @@ full Megatron tensor (`models.sharding.unshard`) and turns it into HF tensors wi
 different layers, so each stage contributes its own tensors; DP replicas hold the same ones and only DP rank 0
 sends.
 
-Methods (the distributed one, NCCL/gloo broadcast, comes next):
+Methods:
 - disk (`sync_weights_from_disk`): every sending rank streams its stage's tensors into one safetensors file
   of a shared directory, global rank 0 adds the index, config and tokenizer files, then tells each server to
   `/update_weights_from_disk` with the new weight version. The fallback that works across machines.
@@ -15,6 +15,9 @@ Methods (the distributed one, NCCL/gloo broadcast, comes next):
   of `bucket_bytes` and posts them as shared-memory handles (SGLang's `MultiprocessingSerializer`) to
   `/update_weights_from_tensor`, inside a `/begin_weight_update` ... `/end_weight_update` session that global
   rank 0 opens and closes, then sets the version. The server must run on the same machine as the sender.
+- distributed (`DistributedWeightSync`): the sender of each stage joins a process group with every server rank
+  and broadcasts bucket after bucket (`/update_weights_from_distributed`), in the same session. NCCL across
+  GPU machines, gloo on CPU; no shared file system or shared memory needed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import urllib.parse
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -151,6 +157,52 @@ def _raise_if_any(error: str | None) -> None:
 
 
 @contextlib.contextmanager
+def _weight_update_session(urls: list[str], version: str, timeout_s: float):
+    """Collective: the body runs inside `/begin_weight_update` ... `/end_weight_update` on every server (global
+    rank 0 opens and closes it); then the servers take `version`. An error anywhere raises on every rank."""
+    error = None
+    if dist.get_rank() == 0:
+        error = next((e for u in urls if (e := _post_ok(u, "/begin_weight_update", {}, timeout_s))), None)
+    _raise_if_any(error)
+    yield
+    if dist.get_rank() == 0:
+        for u in urls:
+            error = error or _post_ok(u, "/end_weight_update", {}, timeout_s)
+            error = error or _post_ok(u, "/update_weight_version", {"new_version": version}, timeout_s)
+    _raise_if_any(error)
+
+
+def _buckets(named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int):
+    """(bucket, is_last) of consecutive tensors of about `bucket_bytes`; drains `named` (a collective)."""
+    bucket, size = [], 0
+    for name, tensor in named:
+        bucket.append((name, tensor))
+        size += tensor.nbytes
+        if size >= bucket_bytes:
+            yield bucket, False
+            bucket, size = [], 0
+    if bucket:
+        yield bucket, True
+
+
+def _server_tps(urls: list[str], timeout_s: float) -> tuple[list[int], str | None]:
+    """Ranks of each server (its TP size: each rank needs its own copy of a tensor payload or its own group
+    rank), or the error that prevented asking."""
+    import urllib.error
+
+    from megatron_gvpo.rollout.sglang import _http
+
+    tps = []
+    for url in urls:
+        try:
+            info = _http(f"{url}/server_info", None, timeout_s)
+        except (urllib.error.URLError, OSError) as e:
+            return [], f"{url}/server_info: {e}"
+        tps.append(int(info.get("tp_size", 1)) if isinstance(info, dict) else 1)
+    return tps, None
+
+
+@contextlib.contextmanager
 def _shareable_by_name():
     """Serialise CPU tensors as named shared-memory files. torch's default ('file_descriptor') hands the fd over
     through multiprocessing's resource sharer, which authenticates with the sender's multiprocessing authkey:
@@ -168,7 +220,7 @@ def _shareable_by_name():
 
 def sync_weights_from_tensor(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, urls: list[str],
                              version: str, dtype: torch.dtype = torch.float32, bucket_bytes: int = 32 << 20,
-                             server_tp: int = 1, timeout_s: float = 600.0) -> None:
+                             timeout_s: float = 600.0) -> None:
     """Collective: the weights into every (colocated) server through shared memory, as `version`."""
     try:
         from sglang.srt.utils.common import MultiprocessingSerializer
@@ -177,35 +229,142 @@ def sync_weights_from_tensor(chunks: list, arch: Arch, ctx: ParallelContext, pad
         raise RolloutError("sync_weights_from_tensor needs sglang installed next to the trainer "
                            "(tools/setup_venv.sh); use sync_weights_from_disk otherwise") from e
 
-    error = None
-    if dist.get_rank() == 0:
-        error = next((e for u in urls if (e := _post_ok(u, "/begin_weight_update", {}, timeout_s))), None)
-    _raise_if_any(error)
-
-    def flush(bucket: list, last: bool) -> str | None:
+    def post(bucket: list, last: bool) -> str | None:
         b = FlattenedTensorBucket(named_tensors=bucket)
         with _shareable_by_name():
             payload = MultiprocessingSerializer.serialize(
                 {"flattened_tensor": b.get_flattened_tensor(), "metadata": b.get_metadata()}, output_str=True)
-        request = {"serialized_named_tensors": [payload] * server_tp, "load_format": "flattened_bucket",
+        errors = (_post_ok(u, "/update_weights_from_tensor", {
+            "serialized_named_tensors": [payload] * tp, "load_format": "flattened_bucket",
+            "flush_cache": last,  # the prefix cache holds KV of the old weights
+        }, timeout_s) for u, tp in zip(urls, server_tp, strict=True))
+        return next((e for e in errors if e), None)
+
+    with _weight_update_session(urls, version, timeout_s):
+        error = None
+        if ctx.dp_rank == 0:
+            server_tp, error = _server_tps(urls, timeout_s) if _sender(ctx) else ([], None)
+            for bucket, last in _buckets(hf_tensors(chunks, arch, ctx, padded_vocab, dtype), bucket_bytes):
+                error = error or post(bucket, last)  # TP peers keep draining hf_tensors: it is a collective
+        _raise_if_any(error)
+
+
+class DistributedWeightSync:
+    """Weights over a process group that the sender and every server rank join (SGLang's
+    `update_weights_from_distributed`: NCCL between GPUs across machines, gloo on CPU).
+
+    Each pipeline stage's sender (TP rank 0, DP rank 0) has its own group with all servers, named
+    `{group_prefix}_pp{stage}`, rank 0 the sender and the servers' ranks after it. Per bucket the sender posts
+    the names, dtypes and shapes to every server and broadcasts the tensors one by one while the servers
+    receive them (no flattening copy). Stages take turns: a server handles one weight request at a time, so
+    two stages sending to two servers at once could each wait for the server the other holds.
+
+    `connect()` creates the groups (collective over the trainer; once per run, again after a server restart),
+    `sync(chunks, version)` moves the weights, `close()` destroys the groups on both sides.
+    """
+
+    def __init__(self, arch: Arch, ctx: ParallelContext, padded_vocab: int, urls: list[str],
+                 dtype: torch.dtype = torch.float32, bucket_bytes: int = 256 << 20, timeout_s: float = 600.0,
+                 backend: str | None = None, group_prefix: str = "megatron_gvpo"):
+        self.arch, self.ctx, self.padded_vocab, self.urls = arch, ctx, padded_vocab, list(urls)
+        self.dtype, self.bucket_bytes, self.timeout_s = dtype, bucket_bytes, timeout_s
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.group_name = f"{group_prefix}_pp{ctx.pp_rank}"
+        self.group = None
+
+    def _stage_by_stage(self, work) -> None:
+        """Collective: `work()` on the sender of each pipeline stage in turn; errors raise on every rank."""
+        for stage in range(self.ctx.pp_size):
+            error = None
+            if self.ctx.pp_rank == stage and self.ctx.dp_rank == 0:
+                try:
+                    error = work()
+                except Exception as e:  # noqa: BLE001 - raised on every rank, not just here
+                    error = f"{self.group_name}: {type(e).__name__}: {e}"
+            _raise_if_any(error)
+
+    def _with_servers(self, route: str, payloads: list[dict], local) -> str | None:
+        """POST payloads[i] to server i while `local()` runs here (the two sides of one rendezvous or
+        broadcast); the first error of either."""
+        with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
+            futures = [pool.submit(_post_ok, u, route, p, self.timeout_s) for u, p in zip(self.urls, payloads)]
+            try:
+                local()
+                error = None
+            except Exception as e:  # noqa: BLE001 - reported with the servers' answers, on every rank
+                error = f"{self.group_name}: {route} on the trainer side: {e}"
+            answers = [f.result() for f in futures]
+        return next((e for e in answers if e), None) or error
+
+    def connect(self) -> None:
+        from megatron_gvpo.utils.distributed import free_port, routable_address
+
+        try:
+            from sglang.srt.utils.common import init_custom_process_group
+        except ImportError as e:
+            raise RolloutError("DistributedWeightSync needs sglang installed next to the trainer "
+                               "(tools/setup_venv.sh); use sync_weights_from_disk otherwise") from e
+
+        def join() -> str | None:
+            if not _sender(self.ctx):
+                return None
+            server_tp, error = _server_tps(self.urls, self.timeout_s)
+            if error:
+                return error
+            address = routable_address(urllib.parse.urlparse(self.urls[0]).hostname)
+            port = free_port("" if address != "127.0.0.1" else address)
+            world = 1 + sum(server_tp)
+            payloads = [{"master_address": address, "master_port": port, "rank_offset": 1 + sum(server_tp[:i]),
+                         "world_size": world, "group_name": self.group_name, "backend": self.backend}
+                        for i in range(len(self.urls))]
+
+            def rendezvous():
+                self.group = init_custom_process_group(
+                    backend=self.backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=0,
+                    group_name=self.group_name, timeout=timedelta(seconds=self.timeout_s))
+
+            return self._with_servers("/init_weights_update_group", payloads, rendezvous)
+
+        self._stage_by_stage(join)
+
+    def sync(self, chunks: list, version: str) -> None:
+        """Collective: the trainer's weights into every server, as `version`."""
+        if _sender(self.ctx) and self.group is None:
+            raise RolloutError("DistributedWeightSync.sync before connect()")
+
+        def send() -> str | None:
+            error = None
+            named = hf_tensors(chunks, self.arch, self.ctx, self.padded_vocab, self.dtype)
+            for bucket, last in _buckets(named, self.bucket_bytes):  # TP peers drain hf_tensors too: a collective
+                if error is None:
+                    error = self._send(bucket, last)
+            return error
+
+        with _weight_update_session(self.urls, version, self.timeout_s):
+            self._stage_by_stage(send)
+
+    def _send(self, bucket: list, last: bool) -> str | None:
+        payload = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                   "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
                    "flush_cache": last}
-        return next((e for u in urls if (e := _post_ok(u, "/update_weights_from_tensor", request, timeout_s))), None)
 
-    if ctx.dp_rank == 0:
-        bucket, size = [], 0
-        for name, tensor in hf_tensors(chunks, arch, ctx, padded_vocab, dtype):  # collective over TP
-            if error is not None:
-                continue
-            bucket.append((name, tensor))
-            size += tensor.nbytes
-            if size >= bucket_bytes:
-                error, bucket, size = flush(bucket, last=False), [], 0
-        if bucket and error is None:
-            error = flush(bucket, last=True)  # the prefix cache holds KV of the old weights
-    _raise_if_any(error)
+        def broadcast():
+            handles = [dist.broadcast(t, group=self.group, group_src=0, async_op=True) for _, t in bucket]
+            for h in handles:
+                h.wait()
 
-    if dist.get_rank() == 0:
-        for u in urls:
-            error = error or _post_ok(u, "/end_weight_update", {}, timeout_s)
-            error = error or _post_ok(u, "/update_weight_version", {"new_version": version}, timeout_s)
-    _raise_if_any(error)
+        return self._with_servers("/update_weights_from_distributed", [payload] * len(self.urls), broadcast)
+
+    def close(self) -> None:
+        """Collective: destroy the groups (servers first, so none waits on a vanished peer)."""
+
+        def leave() -> str | None:
+            if self.group is None:
+                return None
+            payload = {"group_name": self.group_name}
+            errors = [_post_ok(u, "/destroy_weights_update_group", payload, self.timeout_s) for u in self.urls]
+            dist.destroy_process_group(self.group)
+            self.group = None
+            return next((e for e in errors if e), None)
+
+        self._stage_by_stage(leave)

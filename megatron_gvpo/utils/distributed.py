@@ -10,11 +10,19 @@ import torch
 import torch.distributed as dist
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for single-node rendezvous)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that was free a moment ago (for a rendezvous hosted there)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def routable_address(peer_host: str) -> str:
+    """This machine's address on the route to `peer_host` (what a peer there can connect back to); no packet
+    is sent: connecting a UDP socket only picks the route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(peer_host), 9))
+        return s.getsockname()[0]
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
