@@ -27,6 +27,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from megatron_gvpo.data.offline import OfflineDataConfig
+from megatron_gvpo.data.prompts import PromptDataConfig
+from megatron_gvpo.rewards.scoring import RewardConfig
+from megatron_gvpo.rollout.online import RolloutConfig
 
 T = TypeVar("T")
 
@@ -370,6 +373,12 @@ class Config:
     """Batch sizes, optimizer and schedule."""
     data: OfflineDataConfig = field(default_factory=OfflineDataConfig)
     """Offline group data (prompts with scored responses); schema in megatron_gvpo/data/offline.py."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Where groups come from (offline data or SGLang), sampling, weight sync and evaluation."""
+    prompts: PromptDataConfig = field(default_factory=PromptDataConfig)
+    """Prompts for online rollouts (schema in megatron_gvpo/data/prompts.py)."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """How online samples are scored (megatron_gvpo/rewards/scoring.py)."""
 
     def validate(self) -> None:
         k, gbs, mbs = self.algo.group_size, self.train.global_batch_size, self.train.micro_batch_size
@@ -382,6 +391,15 @@ class Config:
             )
         if self.parallel.world_size is not None:
             self.check_world_size(self.parallel.world_size)
+        if self.rollout.source == "online":
+            if not self.prompts.path:
+                raise ValueError("rollout.source='online' needs prompts.path (a JSONL file of prompts)")
+            longest = self.prompts.max_prompt_tokens + self.rollout.max_new_tokens
+            if longest > self.model.seq_length:
+                raise ValueError(
+                    f"prompts.max_prompt_tokens + rollout.max_new_tokens = {longest} exceeds "
+                    f"model.seq_length={self.model.seq_length}"
+                )
 
     def check_world_size(self, world_size: int) -> int:
         """Validate the batch split for `world_size` processes; return DP."""

@@ -1,4 +1,4 @@
-"""GVPO training on Megatron-Core from offline group data (prompts, each with several scored responses).
+"""GVPO training on Megatron-Core: offline group data (prompts with scored responses) or online SGLang rollouts.
 
     python -m megatron_gvpo.train --config configs/tiny_cpu.yaml [--set train.steps=20 parallel.tp=2 ...]
     torchrun --nproc-per-node 4 -m megatron_gvpo.train --config configs/tiny_cpu.yaml --set parallel.tp=2
@@ -7,14 +7,17 @@ Each rollout step takes a batch of whole groups, computes pi_old / pi_ref log-pr
 then runs `train.optimizer_steps_per_rollout` optimizer steps on mini-batches of whole groups (the paper's
 Algorithm 1; with pi_ref = pi_old the first mini-batch is REINFORCE with a group-mean baseline and later ones
 are trust-region steps). Writes <run.dir>/config.yaml, metrics.jsonl and checkpoints/; resumes automatically.
-The online loop (SGLang rollouts) reuses every piece of this file but the data source.
+Where batches come from is the source: `OfflineSource` below, or `rollout.online.OnlineSource` (SGLang
+rollouts and rewards, a weight sync after every step, held-out evaluation) with `rollout.source: online`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from megatron_gvpo.utils.logging import MetricsSink, get_logger
 
 
 def build(cfg: Config):
-    """Process groups, model, optimizer and data; everything the loop needs."""
+    """Process groups, the model with its optimizer, and the tokenizer."""
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.engine import MegatronEngine
     from megatron_gvpo.megatron.parallel import initialize_parallel
@@ -42,19 +45,44 @@ def build(cfg: Config):
     arch = arch_from_hf(load_hf_config(cfg.model.path))
     arch.check_sequence_length(cfg.model.seq_length)
     hf_state = None if cfg.model.load else hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed)
-    engine = MegatronEngine(cfg, arch, ctx, hf_state)
-    k = cfg.algo.group_size
-    # Every group has exactly k responses: the first k of longer rows (an unbiased subset), shorter rows are bad.
-    data_cfg = dataclasses.replace(cfg.data, min_responses=k, max_responses=k)
-    if data_cfg.max_seq_len() > cfg.model.seq_length:
-        raise ValueError(
-            f"data.max_prompt_tokens + data.max_response_tokens = {data_cfg.max_seq_len()} exceeds "
-            f"model.seq_length={cfg.model.seq_length}"
-        )
-    groups, stats = load_groups(data_cfg, tokenizer=load_tokenizer(cfg), vocab_size=arch.vocab_size)
-    sampler = GroupSampler(groups, cfg.train.global_batch_size * cfg.train.optimizer_steps_per_rollout // k,
-                           seed=cfg.run.seed, shuffle=cfg.data.shuffle)
-    return engine, sampler, stats
+    return MegatronEngine(cfg, arch, ctx, hf_state), arch, load_tokenizer(cfg)
+
+
+class OfflineSource:
+    """Batches of scored groups from data.path (megatron_gvpo/data/offline.py); nothing to sync or evaluate."""
+
+    def __init__(self, cfg: Config, arch, tokenizer):
+        k = cfg.algo.group_size
+        # Every group has exactly k responses: the first k of longer rows (an unbiased subset), shorter rows are bad.
+        data_cfg = dataclasses.replace(cfg.data, min_responses=k, max_responses=k)
+        if data_cfg.max_seq_len() > cfg.model.seq_length:
+            raise ValueError(
+                f"data.max_prompt_tokens + data.max_response_tokens = {data_cfg.max_seq_len()} exceeds "
+                f"model.seq_length={cfg.model.seq_length}"
+            )
+        groups, self.stats = load_groups(data_cfg, tokenizer=tokenizer, vocab_size=arch.vocab_size)
+        self.sampler = GroupSampler(groups, cfg.train.global_batch_size * cfg.train.optimizer_steps_per_rollout // k,
+                                    seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        self.seq_length = cfg.model.seq_length
+
+    def next_batch(self) -> tuple[dict, dict]:
+        batch = collate(self.sampler.next_batch(), seq_len=self.seq_length)
+        return batch, {"reward_mean": float(batch["rewards"].mean())}
+
+    def sync_weights(self, step: int) -> float:
+        return 0.0
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def close(self) -> None:
+        pass
 
 
 def load_tokenizer(cfg: Config):
@@ -66,6 +94,34 @@ def load_tokenizer(cfg: Config):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
+class Preemption:
+    """SIGTERM and SIGUSR1 (SLURM's warning before pre-emption or time-out) ask the loop to checkpoint and stop
+    after the current step. `requested()` is collective: ranks may get the signal at different steps, so they
+    agree on the flag before anyone saves."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def requested(self) -> bool:
+        flag = torch.tensor([float(self.received is not None)],
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def mini_batches(batch: dict, count: int) -> list[dict]:
     """Split a rollout batch (rows of whole groups, contiguous) into `count` equal mini-batches of whole groups."""
     n = batch["tokens"].shape[0] // count
@@ -75,51 +131,74 @@ def mini_batches(batch: dict, count: int) -> list[dict]:
 def train(cfg: Config) -> list[dict]:
     from megatron_gvpo.megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from megatron_gvpo.megatron.parallel import destroy_parallel
+    from megatron_gvpo.rollout.online import OnlineSource
 
     log = get_logger()
-    engine, sampler, stats = build(cfg)
+    engine, arch, tokenizer = build(cfg)
     rank0 = torch.distributed.get_rank() == 0
     run_dir, ckpt_dir = Path(cfg.run.dir), Path(cfg.run.dir) / "checkpoints"
-    start = 0
+    start, state = 0, None
     if cfg.run.resume and (latest := latest_checkpoint(ckpt_dir)) is not None:
         start, state = load_checkpoint(engine, latest)
-        sampler.load_state_dict(state["sampler"])
         log.info(f"resumed from {latest} at step {start}")
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        log.info(f"data: {stats.summary()}")
+    source = (OnlineSource(cfg, engine, arch, tokenizer, start) if cfg.rollout.source == "online"
+              else OfflineSource(cfg, arch, tokenizer))
+    if state is not None:
+        source.load_state_dict(state)
+    log.info(f"data: {source.stats.summary()}")
     sink = MetricsSink(run_dir, enabled=rank0, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
                        config=to_dict(cfg), append=start > 0)
-    records = []
+    records, preemption = [], Preemption()
     try:
+        if evaluation := source.evaluate():
+            sink.log(start, evaluation)
+            log.info(f"step {start} eval {_brief(evaluation)}")
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
-            batch = collate(sampler.next_batch(), seq_len=cfg.model.seq_length)
+            batch, record = source.next_batch()
+            t1 = time.perf_counter()
             batch["ref_seq_logp"] = engine.sequence_logprobs(batch, reference=cfg.algo.reference != "old_policy")
-            t_logprob = time.perf_counter() - t0
+            t2 = time.perf_counter()
             results = [engine.train_step(mb) for mb in mini_batches(batch, cfg.train.optimizer_steps_per_rollout)]
             if cfg.algo.reference == "refresh" and step % cfg.algo.ref_refresh_interval == 0:
                 engine.refresh_reference()
-            record = {
+            t3 = time.perf_counter()
+            t_sync = source.sync_weights(step)
+            record.update({
                 "loss": results[0].loss, "grad_norm": results[-1].grad_norm, "lr": results[-1].lr,
-                "reward_mean": float(batch["rewards"].mean()), "tokens": int(batch["loss_mask"].sum()),
-                "skipped_steps": engine.skipped_steps, **results[0].metrics,
-                "time_logprob_s": t_logprob, "time_step_s": time.perf_counter() - t0,
-            }
+                "tokens": int(batch["loss_mask"].sum()), "skipped_steps": engine.skipped_steps, **results[0].metrics,
+                "time_batch_s": t1 - t0, "time_logprob_s": t2 - t1, "time_train_s": t3 - t2, "time_sync_s": t_sync,
+            })
+            last = step == cfg.train.steps
+            if last or (cfg.rollout.eval_interval and step % cfg.rollout.eval_interval == 0):
+                record.update(source.evaluate())
+            record["time_step_s"] = time.perf_counter() - t0
             records.append(record)
-            if step % cfg.run.log_interval == 0 or step == cfg.train.steps:
+            if step % cfg.run.log_interval == 0 or last or "time_eval_s" in record:
                 sink.log(step, record)
                 if rank0:
                     log.info(f"step {step}/{cfg.train.steps} loss {record['loss']:.4g} grad_norm "
                              f"{record['grad_norm']:.3g} reward {record['reward_mean']:.3f} "
-                             f"lr {record['lr']:.3g} {record['time_step_s']:.2f}s")
-            if (cfg.run.save_interval and step % cfg.run.save_interval == 0) or step == cfg.train.steps:
-                save_checkpoint(engine, ckpt_dir, step, {"sampler": sampler.state_dict()})
+                             f"lr {record['lr']:.3g} {record['time_step_s']:.2f}s{_brief(record)}")
+            preempted = preemption.requested()
+            if (cfg.run.save_interval and step % cfg.run.save_interval == 0) or last or preempted:
+                save_checkpoint(engine, ckpt_dir, step, source.state_dict())
+            if preempted:
+                log.info(f"pre-emption signal: checkpointed step {step}, stopping (rerun to resume)")
+                break
     finally:
+        preemption.restore()
+        source.close()
         sink.close()
         destroy_parallel()
     return records
+
+
+def _brief(record: dict) -> str:
+    return "".join(f" {k} {v:.3f}" for k, v in record.items() if k.startswith("eval_") and isinstance(v, float))
 
 
 def main(argv: list[str] | None = None) -> int:

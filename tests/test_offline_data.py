@@ -379,7 +379,7 @@ def test_make_tiny_assets_is_idempotent_and_heldout_disjoint(tmp_path):
     out = tmp_path / "tiny"
     args = dict(digits=3, k=4, train_prompts=200, heldout_prompts=50, p_correct=0.5, seed=0)
     first = addition.make_tiny_assets(out, force=False, **args)
-    assert all(line.startswith("wrote") for line in first) and len(first) == 3
+    assert all(line.startswith("wrote") for line in first) and len(first) == 5
     train_text = (out / "train.jsonl").read_text()
     assert all(line.startswith("kept") for line in addition.make_tiny_assets(out, force=False, **args))
     assert (out / "train.jsonl").read_text() == train_text
@@ -399,7 +399,11 @@ def test_make_tiny_assets_script(tmp_path):
     out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "a"), "--train-prompts", "8",
                           "--heldout-prompts", "4", "--digits", "2"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("wrote") == 3 and (tmp_path / "a" / "heldout.jsonl").is_file()
+    assert out.stdout.count("wrote") == 5 and (tmp_path / "a" / "heldout.jsonl").is_file()
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "a" / "heldout_prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(int(r["label"]) == sum(map(int, r["prompt"][:-1].split("+"))) for r in rows)
 
 
 def test_tokenizer_larger_than_the_model_is_refused_at_start_up(tmp_path, tok):

@@ -73,3 +73,30 @@ def test_restart_resumes_and_reproduces(gloo, assets, single, tmp_path):
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for w, g in zip(want, got):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_checkpoints_and_stops(assets, tmp_path, sig):
+    """SLURM's signals before pre-emption: the run finishes its step, checkpoints it and exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "megatron_gvpo.train", "--config", str(REPO / "configs/tiny_cpu.yaml"), "--set",
+           f"run.dir={tmp_path}", f"model.tokenizer={assets / 'tokenizer'}", f"data.path={assets / 'train.jsonl'}",
+           "train.steps=1000", "run.save_interval=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    file = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (file.is_file() and len(file.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, sig))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    last = metrics(tmp_path)[-1]["step"]
+    assert 2 <= last < 1000 and "pre-emption signal: checkpointed step" in out
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:07d}"

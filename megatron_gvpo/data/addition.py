@@ -135,6 +135,12 @@ def _read_prompts(path: Path) -> list[str]:
     return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_prompt_file(path: str | Path, prompts: list[str]) -> None:
+    """Prompts for online training (schema of data/prompts.py), each labelled with its answer."""
+    lines = [json.dumps({"id": i, "prompt": p, "label": _answer(p)}) for i, p in enumerate(prompts)]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 def make_tiny_assets(
     out: str | Path,
     digits: int = DEFAULT_DIGITS,
@@ -146,8 +152,9 @@ def make_tiny_assets(
     force: bool = False,
 ) -> list[str]:
     """The tiny CPU assets in `out`: tokenizer/, train.jsonl and heldout.jsonl (held-out prompts drawn with
-    seed + 1, disjoint from the training prompts). Writes what is missing (everything with `force`); returns
-    one line per output saying what happened."""
+    seed + 1, disjoint from the training prompts), and their prompts alone with answers as labels
+    (train_prompts.jsonl, heldout_prompts.jsonl) for online training. Writes what is missing (everything with
+    `force`); returns one line per output saying what happened."""
     out = Path(out)
     report = []
     tok_dir = out / "tokenizer"
@@ -172,4 +179,10 @@ def make_tiny_assets(
         report.append(f"wrote   {heldout} ({heldout_prompts} prompts x {k} responses, disjoint from train)")
     else:
         report.append(f"kept    {heldout} (exists; --force rewrites)")
+    for groups, prompts in ((train, out / "train_prompts.jsonl"), (heldout, out / "heldout_prompts.jsonl")):
+        if force or not prompts.exists():
+            write_prompt_file(prompts, _read_prompts(groups))
+            report.append(f"wrote   {prompts} (the prompts of {groups.name}, labelled with their answers)")
+        else:
+            report.append(f"kept    {prompts} (exists; --force rewrites)")
     return report

@@ -69,6 +69,15 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the process that started it dies (Linux), so a trainer
+    killed without cleanup (SIGKILL, OOM) leaves no orphaned server holding memory and ports."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class _PortTaken(Exception):
     """The process could not bind its port: another program took it after it was chosen."""
 
@@ -116,7 +125,8 @@ class SupervisedProcess:
             with open(self.log_path, "ab") as log:
                 self._log_offset = log.tell()
                 self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                                env=self.environment(), start_new_session=True)
+                                                env=self.environment(), start_new_session=True,
+                                                preexec_fn=_die_with_parent)
             try:
                 self.wait_ready(self.startup_timeout_s)
                 return self
