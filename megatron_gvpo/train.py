@@ -156,6 +156,7 @@ def train(cfg: Config) -> list[dict]:
         if evaluation := source.evaluate():
             sink.log(start, evaluation)
             log.info(f"step {start} eval {_brief(evaluation)}")
+        progress = _progress(start, cfg.train.steps, enabled=rank0)
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             batch, record = source.next_batch()
@@ -177,6 +178,9 @@ def train(cfg: Config) -> list[dict]:
                 record.update(source.evaluate())
             record["time_step_s"] = time.perf_counter() - t0
             records.append(record)
+            progress.update(1)
+            progress.set_postfix_str(f"reward {record['reward_mean']:.3f} step {record['time_step_s']:.2f}s"
+                                     + _brief(record))
             if step % cfg.run.log_interval == 0 or last or "time_eval_s" in record:
                 sink.log(step, record)
                 if rank0:
@@ -189,12 +193,21 @@ def train(cfg: Config) -> list[dict]:
             if preempted:
                 log.info(f"pre-emption signal: checkpointed step {step}, stopping (rerun to resume)")
                 break
+        progress.close()
     finally:
         preemption.restore()
         source.close()
         sink.close()
         destroy_parallel()
     return records
+
+
+def _progress(start: int, total: int, enabled: bool):
+    """A progress bar on an interactive terminal (log lines say the same in files and under SLURM)."""
+    from tqdm import tqdm
+
+    return tqdm(initial=start, total=total, unit="step", dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 def _brief(record: dict) -> str:
