@@ -401,6 +401,11 @@ class Config:
                     f"model.seq_length={self.model.seq_length}"
                 )
 
+    @property
+    def groups_per_rollout(self) -> int:
+        """Prompts (groups of algo.group_size) consumed by one rollout step, all its mini-batches together."""
+        return self.train.global_batch_size * self.train.optimizer_steps_per_rollout // self.algo.group_size
+
     def check_world_size(self, world_size: int) -> int:
         """Validate the batch split for `world_size` processes; return DP."""
         dp = self.parallel.data_parallel_size(world_size)

@@ -61,8 +61,7 @@ class OfflineSource:
                 f"model.seq_length={cfg.model.seq_length}"
             )
         groups, self.stats = load_groups(data_cfg, tokenizer=tokenizer, vocab_size=arch.vocab_size)
-        self.sampler = GroupSampler(groups, cfg.train.global_batch_size * cfg.train.optimizer_steps_per_rollout // k,
-                                    seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        self.sampler = GroupSampler(groups, cfg.groups_per_rollout, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.seq_length = cfg.model.seq_length
 
     def next_batch(self) -> tuple[dict, dict]:

@@ -90,7 +90,8 @@ def online_run(run_dir, assets, steps):
               "parallel.tp=2", f"train.steps={steps}", "run.save_interval=2", "algo.group_size=4",
               "train.global_batch_size=16", "train.micro_batch_size=8", "rollout.max_new_tokens=6",
               "rollout.max_total_tokens=2048", "rollout.eval_interval=2", "model.seq_length=16",
-              "prompts.max_prompt_tokens=8", "reward.kind=function", "reward.function=tests.test_online:response_length",
+              "prompts.max_prompt_tokens=8", "reward.kind=function",
+              "reward.function=tests.test_online:response_length",
               "train.lr=1e-2"])
     return True
 

@@ -1,9 +1,10 @@
 """Contract of the sglang-router front end (megatron_gvpo/rollout/router.py) against real processes.
 
 The session's SGLang server (conftest.py: `python -m sglang.launch_server`, CPU path, a tiny random Llama built
-at test time with a locally trained tokenizer) with a supervised `SGLangRouter` in front of it. Pinned: `SGLangClient` pointed at the
-router gets what it gets from the server itself (greedy token ids and log-probs), grouped sampling through
-the router returns n samples per prompt in prompt order (also when the client sends one request per worker);
+at test time with a locally trained tokenizer) with a supervised `SGLangRouter` in front of it. Pinned:
+`SGLangClient` pointed at the router gets what it gets from the server itself (greedy token ids and log-probs),
+grouped sampling through the router returns n samples per prompt in prompt order (also when the client sends
+one request per worker);
 `worker_urls` lists the server behind the router (what the weight sync talks to); a router whose only worker is
 dead gives a RolloutError rather than a hang or a timeout, and one whose worker never registers fails its start-up
 deadline with the router's log.
@@ -74,14 +75,16 @@ def test_worker_urls_lists_the_server_behind_the_router(router, server):
 
 def test_a_router_whose_only_worker_is_dead_errors_clearly(addition_prompts):
     """The worker URL has nothing behind it: the router comes up (wait_for_workers=False), never registers the
-    worker, and answers /generate with an error that the client reports as a RolloutError (not a timeout). With wait_for_workers=True the same router fails its start-up deadline, showing its log."""
+    worker, and answers /generate with an error that the client reports as a RolloutError (not a timeout).
+    With wait_for_workers=True the same router fails its start-up deadline, showing its log."""
     dead = f"http://127.0.0.1:{free_port()}"
     with SGLangRouter(SGLangRouterConfig(worker_urls=(dead,), wait_for_workers=False)) as r:
         assert worker_urls(r.url) == []
         with pytest.raises(RolloutError, match="failed on every server"):
             SGLangClient([r.url], timeout_s=20, retries=0).generate(addition_prompts, SamplingParams(n=2))
     never = SGLangRouter(SGLangRouterConfig(worker_urls=(dead,), startup_timeout_s=3))
-    tail = rf"(?s)not ready after 3 s \(startup_timeout_s; healthy workers \[\].*health checks failed for {re.escape(dead)}"
+    tail = (r"(?s)not ready after 3 s \(startup_timeout_s; healthy workers \[\]"
+            rf".*health checks failed for {re.escape(dead)}")
     with pytest.raises(RolloutError, match=tail):  # the tail of the router's log says why
         never.start()
     assert not never.alive()

@@ -53,7 +53,9 @@ def greedy_accuracy(model, tok, prompts: list[str], answers: list[str]) -> float
     model.train()
     eos = torch.full((len(prompts), 1), tok.eos_token_id)
     target = torch.cat([want, eos], 1)
-    return float((out[:, : target.shape[1]] == target).all(1).float().mean()) if out.shape[1] >= target.shape[1] else 0.0
+    if out.shape[1] < target.shape[1]:  # every row stopped early: none can be the whole answer
+        return 0.0
+    return float((out[:, : target.shape[1]] == target).all(1).float().mean())
 
 
 def warm_start(out_dir: str | Path, cfg: WarmStartConfig = WarmStartConfig(), log=print) -> dict:

@@ -4,7 +4,7 @@
 
     source = OnlineSource(cfg, engine, arch, tokenizer, step)   # starts (or attaches to) SGLang servers
     batch, metrics = source.next_batch()                        # one batch of whole groups, on every rank
-    source.sync_weights(engine, step)                           # the trainer's weights -> every server
+    source.sync_weights(step)                                   # the trainer's weights -> every server
     metrics = source.evaluate()                                 # held-out accuracy, greedy and pass@k
 
 Global rank 0 talks to SGLang and scores the rewards; every rank gets the same batch (broadcast) and takes
@@ -72,7 +72,8 @@ class RolloutConfig:
 
     def validate(self) -> None:
         if self.servers < 1 or self.server_tp < 1:
-            raise ValueError(f"rollout.servers and rollout.server_tp must be >= 1, got {self.servers}, {self.server_tp}")
+            raise ValueError(
+                f"rollout.servers and rollout.server_tp must be >= 1, got {self.servers}, {self.server_tp}")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
@@ -106,17 +107,14 @@ class OnlineSource:
         self.rank0 = dist.get_rank() == 0
         self.padded_vocab = padded_vocab_size(arch.vocab_size, engine.ctx.tp_size)
         self.run_dir = Path(cfg.run.dir)
-        k = cfg.algo.group_size
-        prompts, stats = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer, arch.vocab_size)
-        self.stats = stats
-        groups_per_step = cfg.train.global_batch_size * cfg.train.optimizer_steps_per_rollout // k
-        self.sampler = GroupSampler(prompts, groups_per_step, seed=cfg.run.seed, shuffle=cfg.prompts.shuffle)
+        prompts, self.stats = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer, arch.vocab_size)
+        self.sampler = GroupSampler(prompts, cfg.groups_per_rollout, seed=cfg.run.seed, shuffle=cfg.prompts.shuffle)
         self.eval_prompts: list[Prompt] = []
         if cfg.prompts.eval_path:
             self.eval_prompts, _ = load_prompts(cfg.prompts.eval_path, cfg.prompts, tokenizer, arch.vocab_size)
             if cfg.prompts.eval_size:
                 self.eval_prompts = self.eval_prompts[: cfg.prompts.eval_size]
-        self.sampling = SamplingParams(n=k, temperature=self.r.temperature, top_p=self.r.top_p,
+        self.sampling = SamplingParams(n=cfg.algo.group_size, temperature=self.r.temperature, top_p=self.r.top_p,
                                        max_new_tokens=self.r.max_new_tokens)
         self.servers, self.client, self.weights = [], None, None
 
@@ -135,7 +133,8 @@ class OnlineSource:
             from megatron_gvpo.rollout.weight_sync import DistributedWeightSync
 
             self.weights = DistributedWeightSync(arch, engine.ctx, self.padded_vocab, self.urls,
-                                                 bucket_bytes=self.r.bucket_mb << 20, timeout_s=self.r.request_timeout_s)
+                                                 bucket_bytes=self.r.bucket_mb << 20,
+                                                 timeout_s=self.r.request_timeout_s)
             self.weights.connect()
 
     def _start_servers(self, hf_dir: Path) -> list[str]:
@@ -164,17 +163,24 @@ class OnlineSource:
         out = self._rollout(prompts) if self.rank0 else None
         return _broadcast(out)
 
-    def _rollout(self, prompts: list[Prompt]) -> tuple[dict, dict]:
+    def _sample_and_score(self, prompts: list[Prompt], sampling: SamplingParams):
+        """(groups, [(prompt, sample)] flat, RewardResult, seconds generating): the served policy's samples,
+        checked to come from the last synced weights, and their rewards."""
         from megatron_gvpo.rewards import score
 
         t0 = time.perf_counter()
-        groups = self.client.generate([list(p.ids) for p in prompts], self.sampling)
-        t_rollout = time.perf_counter() - t0
+        groups = self.client.generate([list(p.ids) for p in prompts], sampling)
+        t_generate = time.perf_counter() - t0
         require_weight_version(groups, self.version)
         samples = [(p, x) for p, g in zip(prompts, groups, strict=True) for x in g]
-        k = self.sampling.n
         result = score([p.text for p, _ in samples], [self._decode(x.token_ids) for _, x in samples],
-                       [p.label for p, _ in samples], [i // k for i in range(len(samples))], self.cfg.reward)
+                       [p.label for p, _ in samples], [i // sampling.n for i in range(len(samples))], self.cfg.reward)
+        return groups, samples, result, t_generate
+
+    def _rollout(self, prompts: list[Prompt]) -> tuple[dict, dict]:
+        t0 = time.perf_counter()
+        groups, samples, result, t_rollout = self._sample_and_score(prompts, self.sampling)
+        k = self.sampling.n
         aborted = {i // k for i, (_, x) in enumerate(samples) if x.finish_reason == "abort"}
         dropped = aborted | {i // k for i, keep in enumerate(result.keep) if not keep}
         batch = collate([Group(tuple(p.ids), tuple(tuple(x.token_ids) for x in g),
@@ -224,21 +230,14 @@ class OnlineSource:
         numbers; other ranks get an empty dict)."""
         if not self.eval_prompts or not self.rank0:
             return {}
-        from megatron_gvpo.rewards import score
-
         t0 = time.perf_counter()
-        ids = [list(p.ids) for p in self.eval_prompts]
         metrics = {}
         runs = [("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=self.r.max_new_tokens))]
         if self.r.eval_k > 1:
             runs.append((f"pass@{self.r.eval_k}", SamplingParams(n=self.r.eval_k, temperature=self.r.eval_temperature,
                                                                max_new_tokens=self.r.max_new_tokens)))
         for name, sampling in runs:
-            groups = self.client.generate(ids, sampling)
-            require_weight_version(groups, self.version)
-            pairs = [(p, x) for p, g in zip(self.eval_prompts, groups, strict=True) for x in g]
-            result = score([p.text for p, _ in pairs], [self._decode(x.token_ids) for _, x in pairs],
-                           [p.label for p, _ in pairs], [i // sampling.n for i in range(len(pairs))], self.cfg.reward)
+            _, _, result, _ = self._sample_and_score(self.eval_prompts, sampling)
             correct = torch.tensor(result.rewards).view(-1, sampling.n) >= self.r.correct_reward
             metrics[f"eval_{name}"] = float(correct.any(1).float().mean())
         metrics["eval_weight_version"] = self.version

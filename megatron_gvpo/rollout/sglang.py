@@ -97,6 +97,7 @@ class SupervisedProcess:
         self.url = f"http://{host}:{self.port}"
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
+        self._log_offset = 0  # where the current attempt's output starts in the log
         if log_path:
             self.log_path = Path(log_path)
         else:
@@ -153,13 +154,13 @@ class SupervisedProcess:
                 raise _PortTaken
             time.sleep(0.5)
         self.stop()
-        raise RolloutError(f"{self.name} at {self.url} not ready after {timeout_s:.0f} s (startup_timeout_s; {missing}); "
-                           f"log {self.log_path}:\n{self.log_tail()}")
+        raise RolloutError(f"{self.name} at {self.url} not ready after {timeout_s:.0f} s "
+                           f"(startup_timeout_s; {missing}); log {self.log_path}:\n{self.log_tail()}")
 
     def _port_taken(self) -> bool:
         try:
             with open(self.log_path, "rb") as log:
-                log.seek(getattr(self, "_log_offset", 0))
+                log.seek(self._log_offset)
                 return b"address already in use" in log.read().lower()
         except OSError:
             return False
