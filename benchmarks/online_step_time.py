@@ -1,9 +1,12 @@
-"""Where an online GVPO step spends its time on the main job's tiny setup, and how long the trainer waits.
+"""Where an online GVPO step spends its time on the main job's tiny setup, how long the trainer waits, and what
+reproducible (seeded) sampling costs.
 
 What it measures: `megatron_gvpo.train` with configs/addition_gvpo.yaml (the main job: 32 prompts x 8 samples
 from one SGLang server on the CPU path, exact-match reward, a one-process Megatron trainer taking 2 optimizer
 steps per batch, distributed weight sync over gloo) for STEPS rollout steps in a fresh run directory, with
-evaluation only before the first and after the last step. From metrics.jsonl, per step:
+evaluation only before the first and after the last step, twice: with `rollout.seeded` as the config has it
+and with the other setting (seeded: every sample drawn by SeededGumbel from (seed, step), one request per
+sample and SGLang's overlap schedule off; unseeded: SGLang's own sampler and RNG). From metrics.jsonl, per step:
 
     rollout      SGLang generating the batch (`time_rollout_s`)
     reward       scoring it (`time_reward_s`)
@@ -11,12 +14,12 @@ evaluation only before the first and after the last step. From metrics.jsonl, pe
     train        the optimizer steps (`time_train_s`)
     weight sync  trainer -> SGLang (`time_sync_s`)
 
-as mean seconds and as shares of the step (the baseline of the same run). The loop is synchronous, so the
-trainer waits for the whole rollout and reward: that share is the time it idles, the first thing an
-asynchronous (one-step off-policy) loop would recover. The first WARMUP steps are left out (allocator and
-server caches warming up).
+as mean seconds and as shares of the step (the baseline of the same run), and the seeded/unseeded ratio of
+each. The loop is synchronous, so the trainer waits for the whole rollout and reward: that share is the time
+it idles, the first thing an asynchronous (one-step off-policy) loop would recover. The first WARMUP steps are
+left out (allocator and server caches warming up).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/online_step_time.py    # ~3 min; writes benchmarks/results/...
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/online_step_time.py    # ~6 min; writes benchmarks/results/...
 """
 
 from __future__ import annotations
@@ -41,24 +44,35 @@ PHASES = (("time_rollout_s", "rollout"), ("time_reward_s", "reward"), ("time_log
           ("time_train_s", "train"), ("time_sync_s", "weight sync"))
 
 
-def main() -> None:
-    from logprob_memory import publish
+def run(seeded: bool) -> list[dict]:
+    """Steps WARMUP+1..STEPS of one fresh run (without evaluation steps)."""
     from megatron_gvpo.config import Config, load_config
     from megatron_gvpo.experiments.addition import prepare
     from megatron_gvpo.train import train
     from megatron_gvpo.utils.plots import read_metrics
 
-    t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="online_step_time_"))
     try:
         cfg = load_config(Config, REPO_ROOT / "configs/addition_gvpo.yaml",
-                          [f"run.dir={work}", f"train.steps={STEPS}", "rollout.eval_interval=0", "run.save_interval=0"])
+                          [f"run.dir={work}", f"train.steps={STEPS}", "rollout.eval_interval=0", "run.save_interval=0",
+                           f"rollout.seeded={str(seeded).lower()}"])
         prepare(cfg)
         train(cfg)
-        steps = [r for r in read_metrics(work) if "time_step_s" in r and r["step"] > WARMUP and "time_eval_s" not in r]
+        return [r for r in read_metrics(work) if "time_step_s" in r and r["step"] > WARMUP and "time_eval_s" not in r]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    step_s = statistics.mean(r["time_step_s"] for r in steps)
+
+
+def main() -> None:
+    from logprob_memory import publish
+    from megatron_gvpo.config import Config, load_config
+
+    t_start = time.perf_counter()
+    default = load_config(Config, REPO_ROOT / "configs/addition_gvpo.yaml", []).rollout.seeded
+    runs = {seeded: run(seeded) for seeded in (default, not default)}
+    mean = {seeded: {key: statistics.mean(r[key] for r in steps) for key, _ in PHASES + (("time_step_s", ""),
+                                                                                         ("time_batch_s", ""))}
+            for seeded, steps in runs.items()}
     lines = [
         "# Online GVPO: step-time breakdown of the main job",
         "",
@@ -67,24 +81,27 @@ def main() -> None:
         "",
         f"configs/addition_gvpo.yaml (32 prompts x 8 samples, up to 12 new tokens, 2 optimizer steps per batch, "
         f"one SGLang server and a one-process trainer sharing 2 cores), steps {WARMUP + 1}..{STEPS} without "
-        f"evaluation ({len(steps)} steps). Mean seconds per step and share of the step:",
+        f"evaluation ({len(runs[default])} steps per run), two runs: SGLang's own sampler and seeded sampling "
+        f"(`rollout.seeded`; the config's default is {'seeded' if default else 'unseeded'}). Mean seconds per step, "
+        "share of the step, and the seeded run's time over the unseeded one's:",
         "",
-        "| phase | seconds | share of step |",
-        "|---|---|---|",
+        "| phase | unseeded s | share | seeded s | share | seeded / unseeded |",
+        "|---|---|---|---|---|---|",
     ]
-    for key, label in PHASES:
-        mean = statistics.mean(r[key] for r in steps)
-        lines.append(f"| {label} | {mean:.3f} | {mean / step_s:.1%} |")
-    accounted = sum(statistics.mean(r[k] for r in steps) for k, _ in PHASES)
-    lines.append(f"| other (batch layout, broadcast, logging) | {step_s - accounted:.3f} | "
-                 f"{(step_s - accounted) / step_s:.1%} |")
-    lines.append(f"| **step** | **{step_s:.3f}** | 100% |")
-    wait = statistics.mean(r["time_batch_s"] for r in steps)
+    rows = PHASES + (("other", "other (batch layout, broadcast, logging)"), ("time_step_s", "**step**"))
+    for m in mean.values():
+        m["other"] = m["time_step_s"] - sum(m[key] for key, _ in PHASES)
+    for key, label in rows:
+        u, s = mean[False], mean[True]
+        lines.append(f"| {label} | {u[key]:.3f} | {u[key] / u['time_step_s']:.1%} | {s[key]:.3f} | "
+                     f"{s[key] / s['time_step_s']:.1%} | {s[key] / u[key]:.2f}x |")
+    wait = {seeded: m["time_batch_s"] / m["time_step_s"] for seeded, m in mean.items()}
     lines += [
         "",
-        f"The trainer waits for rollout and reward (`time_batch_s`) **{wait / step_s:.1%}** of every step: the "
-        "loop is synchronous (sample with the current weights, then train). On this machine the server and the "
-        "trainer also share the same two cores, so overlapping them would gain less than that share.",
+        f"The trainer waits for rollout and reward (`time_batch_s`) **{wait[default]:.1%}** of every step with the "
+        f"config's sampling ({wait[not default]:.1%} with the other): the loop is synchronous (sample with the "
+        "current weights, then train). On this machine the server and the trainer also share the same two cores, "
+        "so overlapping them would gain less than that share.",
     ]
     publish("\n".join(lines) + "\n", DEFAULT_OUT)
 

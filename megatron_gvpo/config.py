@@ -391,9 +391,9 @@ class Config:
             )
         if self.parallel.world_size is not None:
             self.check_world_size(self.parallel.world_size)
-        if self.rollout.source == "online":
+        if self.rollout.source != "offline":
             if not self.prompts.path:
-                raise ValueError("rollout.source='online' needs prompts.path (a JSONL file of prompts)")
+                raise ValueError(f"rollout.source={self.rollout.source!r} needs prompts.path (a JSONL file of prompts)")
             longest = self.prompts.max_prompt_tokens + self.rollout.max_new_tokens
             if longest > self.model.seq_length:
                 raise ValueError(

@@ -121,6 +121,37 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+class KLToStart:
+    """KL(pi_start || pi), the distance the policy has moved, estimated on the first rollout batch of a run
+    that starts from step 0: its responses are samples of pi_start (at rollout.temperature 1 exactly), so
+    mean over rows of log pi_start(y|x) - log pi(y|x) (sequence log-probs) is an unbiased estimate. Captured
+    at step 1, measured at every evaluation, kept in checkpoints. Offline data is not sampled from pi_start:
+    no estimate there."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.batch: dict | None = None
+        self.start_logp: torch.Tensor | None = None
+
+    def capture(self, batch: dict, step: int) -> None:
+        """At step 1 the reference log-probs (old policy, frozen or refreshed copy alike) are pi_start's."""
+        if self.enabled and step == 1 and self.batch is None:
+            self.batch = {k: v.clone() for k, v in batch.items() if k != "ref_seq_logp"}
+            self.start_logp = batch["ref_seq_logp"].clone()
+
+    def measure(self, engine) -> dict:
+        """Collective."""
+        if self.batch is None:
+            return {}
+        return {"kl_to_start": float((self.start_logp - engine.sequence_logprobs(self.batch)).mean())}
+
+    def state_dict(self) -> dict:
+        return {"batch": self.batch, "start_logp": self.start_logp}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch, self.start_logp = state["batch"], state["start_logp"]
+
+
 def mini_batches(batch: dict, count: int) -> list[dict]:
     """Split a rollout batch (rows of whole groups, contiguous) into `count` equal mini-batches of whole groups."""
     n = batch["tokens"].shape[0] // count
@@ -143,24 +174,28 @@ def train(cfg: Config) -> list[dict]:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    source = (OnlineSource(cfg, engine, arch, tokenizer, start) if cfg.rollout.source == "online"
+    source = (OnlineSource(cfg, engine, arch, tokenizer, start) if cfg.rollout.source != "offline"
               else OfflineSource(cfg, arch, tokenizer))
+    kl = KLToStart(enabled=cfg.rollout.source != "offline")
     if state is not None:
         source.load_state_dict(state)
+        if "kl_to_start" in state:
+            kl.load_state_dict(state["kl_to_start"])
     log.info(f"data: {source.stats.summary()}")
     sink = MetricsSink(run_dir, enabled=rank0, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project,
-                       config=to_dict(cfg), append=start > 0)
+                       config=to_dict(cfg), resume_step=start)
     records, preemption = [], Preemption()
     try:
-        if evaluation := source.evaluate():
+        if start == 0 and (evaluation := source.evaluate()):  # a resumed run evaluated its start step already
             sink.log(start, evaluation)
-            log.info(f"step {start} eval {_brief(evaluation)}")
+            log.info(f"step {start} eval{_brief(evaluation)}")
         progress = _progress(start, cfg.train.steps, enabled=rank0)
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             batch, record = source.next_batch()
             t1 = time.perf_counter()
             batch["ref_seq_logp"] = engine.sequence_logprobs(batch, reference=cfg.algo.reference != "old_policy")
+            kl.capture(batch, step)
             t2 = time.perf_counter()
             results = [engine.train_step(mb) for mb in mini_batches(batch, cfg.train.optimizer_steps_per_rollout)]
             if cfg.algo.reference == "refresh" and step % cfg.algo.ref_refresh_interval == 0:
@@ -174,12 +209,11 @@ def train(cfg: Config) -> list[dict]:
             })
             last = step == cfg.train.steps
             if last or (cfg.rollout.eval_interval and step % cfg.rollout.eval_interval == 0):
-                record.update(source.evaluate())
+                record.update(source.evaluate(), **kl.measure(engine))
             record["time_step_s"] = time.perf_counter() - t0
             records.append(record)
             progress.update(1)
-            progress.set_postfix_str(f"reward {record['reward_mean']:.3f} step {record['time_step_s']:.2f}s"
-                                     + _brief(record))
+            progress.set_postfix_str(_postfix(record, records))
             if step % cfg.run.log_interval == 0 or last or "time_eval_s" in record:
                 sink.log(step, record)
                 if rank0:
@@ -188,7 +222,7 @@ def train(cfg: Config) -> list[dict]:
                              f"lr {record['lr']:.3g} {record['time_step_s']:.2f}s{_brief(record)}")
             preempted = preemption.requested()
             if (cfg.run.save_interval and step % cfg.run.save_interval == 0) or last or preempted:
-                save_checkpoint(engine, ckpt_dir, step, source.state_dict())
+                save_checkpoint(engine, ckpt_dir, step, {**source.state_dict(), "kl_to_start": kl.state_dict()})
             if preempted:
                 log.info(f"pre-emption signal: checkpointed step {step}, stopping (rerun to resume)")
                 break
@@ -209,6 +243,16 @@ def _progress(start: int, total: int, enabled: bool):
                 disable=not (enabled and sys.stderr.isatty()))
 
 
+def _postfix(record: dict, records: list[dict]) -> str:
+    """The progress bar's: rollout reward and accuracy, the latest held-out accuracy, step time."""
+    text = f"reward {record['reward_mean']:.3f}"
+    if "accuracy" in record:
+        text += f" acc {record['accuracy']:.3f}"
+    if latest := next((r for r in reversed(records) if "eval_greedy" in r), None):
+        text += f" held-out {latest['eval_greedy']:.3f}"
+    return text + f" {record['time_step_s']:.2f}s/step"
+
+
 def _brief(record: dict) -> str:
     return "".join(f" {k} {v:.3f}" for k, v in record.items() if k.startswith("eval_") and isinstance(v, float))
 
@@ -216,8 +260,11 @@ def _brief(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, default_config="configs/tiny_cpu.yaml")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                        help="continue from the newest checkpoint in run.dir (the default, run.resume) or not")
     args = parser.parse_args(argv)
-    cfg = load_config(Config, args.config, args.overrides)
+    overrides = args.overrides + ([] if args.resume is None else [f"run.resume={str(args.resume).lower()}"])
+    cfg = load_config(Config, args.config, overrides)
     train(cfg)
     return 0
 

@@ -5,7 +5,10 @@ rollout (abort, failed reward) becomes singleton rows, which GVPO's loss ignores
 as the batch without them); a TP=2 trainer runs the whole loop against a real SGLang server it starts itself
 (rollout -> reward -> log-probs -> two optimizer steps -> distributed weight sync -> held-out evaluation),
 every evaluation reports the weight version of the last sync, and a second run in the same directory resumes
-from the checkpoint, restarts the server on the checkpoint's weights and continues the step count.
+from the checkpoint, restarts the server on the checkpoint's weights and continues the step count; with
+source 'mix' half of each batch is replayed from a buffer that survives the resume; a server SIGKILLed
+mid-run is restarted and reloaded, and the run finishes; KL to the start policy is measured on step 1's
+samples at every evaluation.
 """
 
 import json
@@ -16,7 +19,8 @@ import torch
 
 from megatron_gvpo.algo import gvpo_loss
 from megatron_gvpo.data.prompts import PromptDataConfig, load_prompts
-from megatron_gvpo.rollout.online import _ungroup
+from megatron_gvpo.data.offline import Group
+from megatron_gvpo.rollout.online import ReplayBuffer, _ungroup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +69,22 @@ def test_a_dropped_group_carries_no_signal():
     assert torch.equal(_ungroup(group_ids, set()), group_ids)
 
 
+def test_replay_buffer_keeps_the_newest_and_resumes_its_draws():
+    groups = [Group((i,), ((i, 1), (i, 2)), (0.0, 1.0), f"rollout:{i}") for i in range(10)]
+    buffer = ReplayBuffer(capacity=6, seed=3)
+    buffer.add(groups[:4])
+    buffer.add(groups[4:])
+    assert [g.prompt_ids for g in buffer.groups] == [(i,) for i in range(4, 10)]
+    first = buffer.draw(3)
+    assert len({g.prompt_ids for g in first}) == 3 and all(g in groups[4:] for g in first)
+    state = buffer.state_dict()
+    resumed = ReplayBuffer(capacity=6, seed=99)
+    resumed.load_state_dict(state)
+    assert resumed.draw(4) == buffer.draw(4)  # same groups, same generator position
+    with pytest.raises(ValueError, match="draw of 7 groups from a buffer of 6"):
+        buffer.draw(7)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from megatron_gvpo.data.addition import make_tiny_assets
@@ -79,37 +99,112 @@ def response_length(prompt: str, response: str, label) -> float:
     return len(response.split("<eos>")[0]) / 6
 
 
-def online_run(run_dir, assets, steps):
+_CRASH = {"at_call": 0, "calls": 0}
+
+
+def response_length_crashing_the_server(prompt: str, response: str, label) -> float:
+    """response_length; its `_CRASH['at_call']`-th call SIGKILLs the SGLang servers this process started, as a
+    crash would (the trainer learns of it at its next request)."""
+    import os
+    import signal
+
+    import psutil
+
+    _CRASH["calls"] += 1
+    if _CRASH["calls"] == _CRASH["at_call"]:
+        for child in psutil.Process().children():
+            if "sglang.launch_server" in " ".join(child.cmdline()):
+                os.killpg(child.pid, signal.SIGKILL)
+    return response_length(prompt, response, label)
+
+
+def online_run(run_dir, assets, steps, crash_at_call=0):
     from megatron_gvpo.train import main
     from tests.gloo_pool import checkpoint_helpers_allowed
 
+    _CRASH.update(at_call=crash_at_call, calls=0)
     with checkpoint_helpers_allowed():
-            main(["--config", str(REPO / "configs/addition_gvpo.yaml"), "--set", f"run.dir={run_dir}",
+        main(["--config", str(REPO / "configs/addition_gvpo.yaml"), "--set", f"run.dir={run_dir}",
               f"model.path={REPO / 'configs/models/tiny_llama.json'}", f"model.tokenizer={assets / 'tokenizer'}",
               f"prompts.path={assets / 'train_prompts.jsonl'}", f"prompts.eval_path={assets / 'heldout_prompts.jsonl'}",
               "parallel.tp=2", f"train.steps={steps}", "run.save_interval=2", "algo.group_size=4",
               "train.global_batch_size=16", "train.micro_batch_size=8", "rollout.max_new_tokens=6",
               "rollout.max_total_tokens=2048", "rollout.eval_interval=2", "model.seq_length=16",
               "prompts.max_prompt_tokens=8", "reward.kind=function",
-              "reward.function=tests.test_online:response_length",
-              "train.lr=1e-2"])
+              "reward.function=tests.test_online:response_length_crashing_the_server",
+              "rollout.source=mix", "rollout.replay_fraction=0.5", "train.lr=1e-2"])
     return True
 
 
-def test_online_loop_with_a_real_server_resumes(gloo, assets, tmp_path):
+def test_online_loop_with_a_real_server_resumes_replays_and_survives_a_server_crash(gloo, assets, tmp_path):
+    """TP=2 trainer, source 'mix' (half of each batch replayed once the buffer holds 4 groups). The second run
+    resumes at step 2; the server it starts is SIGKILLed while step 3 is scored: the weight sync that follows
+    fails, the server is restarted, reloaded with the step-3 weights, and the run finishes."""
     pytest.importorskip("sglang")
     gloo.run(2, online_run, str(tmp_path), assets, 2)
-    gloo.run(2, online_run, str(tmp_path), assets, 4)  # resumes at step 2
+    gloo.run(2, online_run, str(tmp_path), assets, 4, 1)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train_steps = [r["step"] for r in records if "loss" in r]
-    assert train_steps == [1, 2, 3, 4]
-    for r in (r for r in records if "loss" in r):
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
         for key in ("reward_mean", "accuracy", "truncated_frac", "dropped_groups", "time_rollout_s",
                     "time_logprob_s", "time_train_s", "time_sync_s", "cov_reward_logp"):
             assert key in r, key
         assert r["reward_mean"] > 0 and r["time_sync_s"] > 0 and r["grad_norm"] > 0  # rewards differ in groups
+    assert [r["replay_groups"] for r in train] == [0, 4, 4, 4]
+    assert [r["replay_buffer_groups"] for r in train] == [8, 12, 16, 20]
+    assert [r["server_restarts"] for r in train] == [0, 0, 0, 1]  # step 3's record was made before its sync
     evals = [(r["step"], r["eval_weight_version"]) for r in records if "eval_greedy" in r]
-    # Before training, after step 2, then on resume (the server restarted on the step-2 weights) and at the end.
-    assert evals == [(0, "step-0"), (2, "step-2"), (2, "step-2"), (4, "step-4")]
+    # Before training, after step 2 (the resumed run does not evaluate its start again), at the end.
+    assert evals == [(0, "step-0"), (2, "step-2"), (4, "step-4")]
+    kl = [r["kl_to_start"] for r in records if "kl_to_start" in r]
+    assert len(kl) == 2 and kl[1] > 0  # measured at steps 2 and 4, on step 1's samples kept in the checkpoint
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    assert (tmp_path / "logs" / "sglang_0.log").is_file()
+    # Started by the first run, by the resumed one, and once more after the crash.
+    assert (tmp_path / "logs" / "sglang_0.log").read_text().count("The server is fired up") == 3
+
+
+def online_command(run_dir, assets, steps):
+    import sys
+
+    return [sys.executable, "-m", "megatron_gvpo.train", "--config", str(REPO / "configs/addition_gvpo.yaml"),
+            "--set", f"run.dir={run_dir}", f"model.path={REPO / 'configs/models/tiny_llama.json'}",
+            f"model.tokenizer={assets / 'tokenizer'}", f"prompts.path={assets / 'train_prompts.jsonl'}",
+            f"prompts.eval_path={assets / 'heldout_prompts.jsonl'}", f"train.steps={steps}", "run.save_interval=1",
+            "algo.group_size=4", "train.global_batch_size=16", "train.micro_batch_size=8",
+            "rollout.max_new_tokens=6", "rollout.max_total_tokens=2048", "rollout.eval_interval=2",
+            "model.seq_length=16", "prompts.max_prompt_tokens=8", "reward.kind=function",
+            "reward.function=tests.test_online:response_length", "rollout.seeded=true", "train.lr=1e-2"]
+
+
+def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets, tmp_path):
+    """rollout.seeded: samples depend on (weights, prompts, step) only. A run SIGKILLed at a random point (after
+    1-3 logged steps: mid-rollout, mid-checkpoint or mid-sync) and started again equals, step by step, a run
+    that was never interrupted: rewards, losses, held-out accuracy, KL to the start policy."""
+    import os
+    import random
+    import subprocess
+
+    from tests.processes import signal_after_lines
+
+    pytest.importorskip("sglang")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(online_command(whole, assets, 4), cwd=REPO, env=env, check=True, capture_output=True)
+    lines = random.Random().choice([2, 3, 4])  # the first line is the evaluation before step 1
+    code, out = signal_after_lines(online_command(killed, assets, 4), killed / "metrics.jsonl", lines)
+    assert code == -9, out
+    subprocess.run(online_command(killed, assets, 4) + ["--resume"], cwd=REPO, env=env, check=True,
+                   capture_output=True)
+
+    def records(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    want, got = records(whole), records(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3, 4], lines
+    for w, g in zip(want, got):
+        w, g = ({k: v for k, v in r.items() if not k.startswith("time_")} for r in (w, g))
+        assert g.keys() == w.keys(), (g["step"], lines)
+        for key, value in w.items():  # strings and counts exactly, floats to 1e-5 relative
+            assert g[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), (key, lines)
+    assert want[2]["kl_to_start"] > 0 and want[4]["reward_mean"] != want[1]["reward_mean"]

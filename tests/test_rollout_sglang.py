@@ -4,12 +4,14 @@ The server is `python -m sglang.launch_server` on a tiny random Llama built at t
 tokenizer, converted to Megatron and back by tools/convert_hf.py (so SGLang serves an exported model), on
 SGLang's CPU path (fixtures in conftest.py). Pinned: greedy token ids and log-probs equal Hugging Face transformers'
 (the independent oracle) on the same weights; grouped sampling returns n independent samples per prompt, in
-prompt order, reproducible through the server's seed (a per-request seed the server would ignore is refused);
+prompt order; seeded sampling on CPU (SeededGumbel) reproduces samples exactly and matches a transformers replay
+(a per-request seed the server would ignore is refused);
 finish reasons are honest ('length' when cut by max_new_tokens);
 a server that dies mid-way gives a RolloutError, and one that never becomes healthy fails within its deadline
 with the server's log.
 """
 
+import dataclasses
 import os
 import signal
 
@@ -95,7 +97,7 @@ def check_groups(groups, n: int, max_new_tokens: int) -> None:
 def test_grouped_sampling_is_distinct_and_ordered_and_refuses_an_ignored_seed(server, ps):
     client = SGLangClient([server.url])
     check_groups(client.generate(ps, SamplingParams(n=4, temperature=1.0, max_new_tokens=6)), 4, 6)
-    with pytest.raises(ValueError, match="without --enable-deterministic-inference"):
+    with pytest.raises(ValueError, match="runs with neither --enable-deterministic-inference"):
         client.generate(ps, SamplingParams(n=4, temperature=1.0, max_new_tokens=6, seed=1))
 
 
@@ -118,27 +120,41 @@ def test_server_that_never_becomes_healthy_fails_within_its_deadline(tmp_path):
     assert not server.alive()
 
 
-def test_server_seed_reproduces_samples_and_a_killed_server_errors(model_dir, ps):
-    """Two fresh servers with the same random_seed give the same samples for the same requests (CPU has no
-    per-request seeds); then the second one is killed and the next request is a RolloutError."""
-    sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=6)
-    runs = []
-    for _ in range(2):
-        server = SGLangServer(SGLangServerConfig(model_path=str(model_dir), max_total_tokens=4096, random_seed=11))
-        server.start()
-        try:
-            client = SGLangClient([server.url], timeout_s=60, retries=0)
-            runs.append(client.generate(ps, sampling))
-            if len(runs) == 2:
-                os.killpg(server.process.pid, signal.SIGKILL)
-                server.process.wait()
-                with pytest.raises(RolloutError):
-                    client.generate(ps, sampling)
-                assert not client.health()
-        finally:
-            server.stop()
-    check_groups(runs[0], 4, 6)
-    assert [[x.token_ids for x in g] for g in runs[0]] == [[x.token_ids for x in g] for g in runs[1]]
+def test_seeded_sampling_is_reproducible_and_exact_then_a_killed_server_errors(model_dir, ps):
+    """A server with custom logit processors samples seeded requests with SeededGumbel: the same seed gives the
+    same samples whatever else is in the batch, another seed other samples, and every token is the Gumbel-max
+    draw that transformers' logits give for its (seed, position), an independent replay; log-probs are NaN.
+    Then the server is SIGKILLed and the next request is a RolloutError."""
+    import transformers
+
+    from megatron_gvpo.rollout.seeded import gumbel_max
+
+    sampling = SamplingParams(n=4, temperature=0.9, max_new_tokens=6, seed=123)
+    config = SGLangServerConfig(model_path=str(model_dir), max_total_tokens=4096, custom_logit_processor=True)
+    with SGLangServer(config) as server:
+        client = SGLangClient([server.url], timeout_s=60, retries=0)
+        first = client.generate(ps, sampling)
+        tokens = [[x.token_ids for x in g] for g in first]
+        crowded = client.generate(ps + ps, sampling)  # other requests in the same batches
+        assert [[x.token_ids for x in g] for g in crowded[:len(ps)]] == tokens
+        other = client.generate(ps, dataclasses.replace(sampling, seed=7))
+        assert [[x.token_ids for x in g] for g in other] != tokens
+        assert all(lp != lp for g in first for x in g for lp in x.logprobs)  # NaN
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        with pytest.raises(RolloutError):
+            client.generate(ps, sampling)
+        assert not client.health()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for i, group in enumerate(tokens):
+            assert len(set(map(tuple, group))) > 1
+            for j, sample in enumerate(group):
+                ids = list(ps[i])
+                for position, token in enumerate(sample):
+                    logits = model(torch.tensor([ids])).logits[0, -1:]
+                    assert int(gumbel_max(logits, [123 + i * 4 + j], [position], [0.9])) == token, (i, j, position)
+                    ids.append(token)
 
 
 def generate_in_background(client, ps, sampling):
@@ -334,3 +350,18 @@ def test_weight_sync_to_an_unreachable_server_fails_on_every_rank(gloo):
     url = f"http://127.0.0.1:{free_port()}"
     for errors in gloo.run(2, unreachable_sync_run, url):
         assert len(errors) == 2 and all(url in e for e in errors)
+
+
+def test_gumbel_max_draws_from_the_tempered_softmax():
+    """SeededGumbel's draw, without a server: over 20000 seeds the token frequencies match softmax(logits / T)
+    within 4 standard errors, and a (seed, position) pair always gives the same token."""
+    from megatron_gvpo.rollout.seeded import gumbel_max
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    draws = torch.cat([gumbel_max(logits.expand(1000, -1), list(range(s, s + 1000)), [3] * 1000, [0.7] * 1000)
+                       for s in range(0, 20000, 1000)])
+    want = torch.softmax(logits[0] / 0.7, -1).double()
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert ((freq - want).abs() <= 4 * (want * (1 - want) / len(draws)).sqrt() + 1e-12).all(), (freq, want)
+    assert int(draws[4]) == int(gumbel_max(logits, [4], [3], [0.7]))
+    assert not (gumbel_max(logits.expand(200, -1), [5] * 200, list(range(200)), [0.7] * 200) == 0).all()

@@ -1,7 +1,8 @@
 """Contract of `python -m megatron_gvpo.train` (offline GVPO): on the tiny config with generated assets it
 writes config.yaml, metrics.jsonl (step, loss, grad_norm, lr, tokens, the Eq. 17 terms) and checkpoints; the
 same config and seed give the same per-step loss at TP=2 and PP=2 as in one process; a run stopped and
-restarted in the same directory resumes and reproduces the uninterrupted run's metrics."""
+restarted in the same directory, or SIGKILLed at a random step and restarted, resumes and reproduces the
+uninterrupted run's metrics."""
 
 import json
 from pathlib import Path
@@ -75,28 +76,49 @@ def test_restart_resumes_and_reproduces(gloo, assets, single, tmp_path):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-6)
 
 
+def train_command(run_dir, assets, overrides=()):
+    import sys
+
+    return [sys.executable, "-m", "megatron_gvpo.train", "--config", str(REPO / "configs/tiny_cpu.yaml"), "--set",
+            f"run.dir={run_dir}", f"model.tokenizer={assets / 'tokenizer'}", f"data.path={assets / 'train.jsonl'}",
+            *overrides]
+
+
+def test_sigkill_at_a_random_step_then_resume_reproduces_the_uninterrupted_run(assets, single, tmp_path):
+    """SIGKILL (no handler, no clean-up) once 1 or 2 steps are logged (chosen at random; with a checkpoint every
+    2 steps the kill lands before, after or while one is written), then the same command again: the metrics
+    equal the uninterrupted run's, and lines logged after the last checkpoint appear once."""
+    import os
+    import random
+    import subprocess
+
+    from tests.processes import signal_after_lines
+
+    lines = random.Random().choice([1, 2])
+    model = f"model.path={REPO / 'configs/models/tiny_llama.json'}"
+    code, out = signal_after_lines(train_command(tmp_path, assets, [model, "train.steps=4", "run.save_interval=2"]),
+                                   tmp_path / "metrics.jsonl", lines)
+    assert code == -9, out  # killed, not finished
+    assert [r["step"] for r in metrics(tmp_path)][-1] < 4
+    subprocess.run(train_command(tmp_path, assets, [model, "train.steps=4", "run.save_interval=2"]) + ["--resume"],
+                   cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    got, want = metrics(tmp_path), metrics(single)
+    assert [r["step"] for r in got] == [1, 2, 3, 4], f"killed after {lines} logged steps"
+    for w, g in zip(want, got):
+        for key in ("loss", "grad_norm", "reward_mean", "cov_reward_logp"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (key, g["step"], lines)
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_preemption_signal_checkpoints_and_stops(assets, tmp_path, sig):
     """SLURM's signals before pre-emption: the run finishes its step, checkpoints it and exits cleanly."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
-    cmd = [sys.executable, "-m", "megatron_gvpo.train", "--config", str(REPO / "configs/tiny_cpu.yaml"), "--set",
-           f"run.dir={tmp_path}", f"model.tokenizer={assets / 'tokenizer'}", f"data.path={assets / 'train.jsonl'}",
-           "train.steps=1000", "run.save_interval=0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    file = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (file.is_file() and len(file.read_text().splitlines()) >= 2) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    proc.send_signal(getattr(signal, sig))
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    from tests.processes import signal_after_lines
+
+    code, out = signal_after_lines(train_command(tmp_path, assets, ["train.steps=1000", "run.save_interval=0"]),
+                                   tmp_path / "metrics.jsonl", 2, getattr(signal, sig), timeout_s=120)
+    assert code == 0, out
     last = metrics(tmp_path)[-1]["step"]
     assert 2 <= last < 1000 and "pre-emption signal: checkpointed step" in out
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:07d}"

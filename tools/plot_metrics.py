@@ -1,4 +1,5 @@
-"""Render a run's metrics.jsonl to PNG: reward, held-out accuracy, loss terms, step-time breakdown.
+"""Render a run's metrics.jsonl to PNG: reward, held-out accuracy, KL to the start policy, loss terms, gradient
+norm, step-time breakdown.
 
     .venv/bin/python tools/plot_metrics.py RUN_DIR [--out FILE.png]
 """

@@ -498,14 +498,16 @@ class GroupSampler:
             random.Random(self.seed + epoch).shuffle(order)
         return order
 
-    def next_batch(self) -> list[Group]:
+    def next_batch(self, count: int | None = None) -> list[Group]:
+        """The next `count` (default groups_per_step) groups."""
+        count = self.groups_per_step if count is None else count
         batch = []
-        while len(batch) < self.groups_per_step:
+        while len(batch) < count:
             if self.position == len(self._order):
                 self.epoch += 1
                 self.position = 0
                 self._order = self._epoch_order(self.epoch)
-            take = min(self.groups_per_step - len(batch), len(self._order) - self.position)
+            take = min(count - len(batch), len(self._order) - self.position)
             batch.extend(self.groups[i] for i in self._order[self.position : self.position + take])
             self.position += take
         return batch

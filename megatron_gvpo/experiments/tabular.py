@@ -220,7 +220,8 @@ def plot_curves(cfg: TabularConfig, records: list[dict], path: Path) -> None:
                 steps, kls = zip(*r["curve"])
                 ax.plot(steps, [max(k, 1e-12) for k in kls], color=colors[method], alpha=0.8,
                         label=method if i == 0 else None)
-        ax.axhline(cfg.kl_threshold, color="gray", linestyle="--", linewidth=1, label="threshold" if ax is axes[0][0] else None)
+        ax.axhline(cfg.kl_threshold, color="gray", linestyle="--", linewidth=1,
+                   label="threshold" if ax is axes[0][0] else None)
         ax.set_yscale("log")
         ax.set_title(f"samples from: {sampler}")
         ax.set_xlabel("Adam step")

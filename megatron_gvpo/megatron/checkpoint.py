@@ -120,9 +120,33 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return path
 
 
+_results_manager = None
+
+
+def _results_queue_that_dies_with_us() -> None:
+    """Megatron's torch_dist writer passes write results through a multiprocessing Manager that it spawns on
+    the first save (`filesystem_async._get_write_results_queue`). A trainer killed with SIGKILL left that
+    manager running for good, holding the trainer's stdout (measured: whoever waited for the trainer's output
+    hung). Started here instead, with PR_SET_PDEATHSIG, it dies with the trainer."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_gvpo.utils.process import die_with_parent
+
+    global _results_manager
+    if filesystem_async._results_queue is None:
+        _results_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        _results_manager.start(initializer=die_with_parent)
+        filesystem_async._results_queue = _results_manager.Queue()
+
+
 def save_checkpoint(engine: MegatronEngine, directory: str | Path, step: int, trainer_state: dict[str, Any]) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     from megatron.core import dist_checkpointing
+
+    _results_queue_that_dies_with_us()
 
     directory = Path(directory)
     final = directory / checkpoint_name(step)

@@ -1,6 +1,6 @@
 """Online batches for the trainer: prompts -> SGLang grouped rollout -> rewards -> the trainer's batch dict.
 
-`OnlineSource` is what megatron_gvpo/train.py's loop talks to when `rollout.source: online`:
+`OnlineSource` is what megatron_gvpo/train.py's loop talks to when `rollout.source` is 'online' or 'mix':
 
     source = OnlineSource(cfg, engine, arch, tokenizer, step)   # starts (or attaches to) SGLang servers
     batch, metrics = source.next_batch()                        # one batch of whole groups, on every rank
@@ -17,10 +17,16 @@ Which samples train: a group whose sample was aborted (a server dropped it) or w
 `reward.on_error: drop_group` is left out. It is not removed from the batch (Megatron's micro-batch layout is
 fixed); its rows become groups of one, which carry no GVPO signal and do not count in the loss normaliser.
 Truncated samples ('length': max_new_tokens reached) are scored as they are and counted.
+
+A server this run started that dies is restarted: whichever collective noticed (rollout, weight sync or
+evaluation) restarts it on rank 0, reconnects the weight sync, reloads the trainer's current weights and runs
+again (`rollout.max_server_restarts`). With `rollout.source: mix`, part of every batch is replayed from the
+newest earlier groups (`ReplayBuffer`); the trainer recomputes pi_old / pi_ref for them like for fresh ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +42,14 @@ from megatron_gvpo.rollout.base import RolloutError, SamplingParams, require_wei
 
 @dataclass
 class RolloutConfig:
-    source: Literal["offline", "online"] = "offline"
-    """'offline': train on data.path's scored groups; 'online': sample groups with SGLang from prompts.path."""
+    source: Literal["offline", "online", "mix"] = "offline"
+    """'offline': train on data.path's scored groups; 'online': sample groups with SGLang from prompts.path;
+    'mix': online, with `replay_fraction` of every batch replayed from earlier rollouts (GVPO's loss is valid
+    for any sampling distribution, so old groups are still unbiased training signal)."""
+    replay_fraction: float = 0.5
+    """'mix': share of each batch's groups drawn from the replay buffer (once it holds that many)."""
+    replay_capacity: int = 1024
+    """'mix': groups kept for replay (the newest; only groups that trained, i.e. not dropped)."""
     urls: list[str] = field(default_factory=list)
     """SGLang servers to attach to (http://host:port); empty: start `servers` of them from the trainer."""
     servers: int = 1
@@ -48,6 +60,11 @@ class RolloutConfig:
     """KV-cache tokens of each started server (SGLang's --max-total-tokens); None: SGLang's default."""
     temperature: float = 1.0
     top_p: float = 1.0
+    seeded: bool = False
+    """Seed every rollout and evaluation from (run.seed, step), so samples depend on the weights, prompts and
+    step only and a resumed run (even after SIGKILL) draws exactly what the uninterrupted one drew. Started
+    servers get the means: deterministic inference on GPU, the SeededGumbel logit processor elsewhere
+    (megatron_gvpo/rollout/seeded.py; rollout log-probs are then NaN, top_p must be 1)."""
     max_new_tokens: int = 64
     """Longest response; a sample that reaches it is marked truncated ('length')."""
     weight_sync: Literal["disk", "tensor", "distributed"] = "distributed"
@@ -62,6 +79,10 @@ class RolloutConfig:
     """Deadline of one rollout or weight-update request."""
     retries: int = 2
     """Retries of a rollout request on another server after a connection failure."""
+    max_server_restarts: int = 3
+    """Servers this run started that die (or stop answering /health) are restarted, reloaded with the
+    trainer's current weights and the failed rollout, sync or evaluation is repeated, up to this many times
+    per process; then the error stands. Attached servers (`urls`) are never restarted."""
     eval_interval: int = 0
     """Evaluate every this many rollout steps (and before the first and after the last); 0: only those two."""
     eval_k: int = 4
@@ -78,8 +99,14 @@ class RolloutConfig:
             raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0 for grouped sampling, got {self.temperature}")
-        if self.eval_interval < 0 or self.eval_k < 1 or self.bucket_mb < 1:
-            raise ValueError("rollout.eval_interval must be >= 0, rollout.eval_k and rollout.bucket_mb >= 1")
+        if self.seeded and self.top_p < 1:
+            raise ValueError(f"rollout.seeded samples the full distribution; rollout.top_p={self.top_p} must be 1")
+        if self.eval_interval < 0 or self.eval_k < 1 or self.bucket_mb < 1 or self.max_server_restarts < 0:
+            raise ValueError("rollout.eval_interval and rollout.max_server_restarts must be >= 0, rollout.eval_k "
+                             "and rollout.bucket_mb >= 1")
+        if self.source == "mix" and not (0 < self.replay_fraction < 1 and self.replay_capacity >= 1):
+            raise ValueError(f"rollout.source='mix' needs 0 < rollout.replay_fraction < 1 (got "
+                             f"{self.replay_fraction}) and rollout.replay_capacity >= 1 (got {self.replay_capacity})")
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: {url!r} must start with http:// or https://")
@@ -89,6 +116,24 @@ def _broadcast(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _on_rank0(fn, *args):
+    """Collective: fn(*args) on global rank 0, its result on every rank. An exception there raises on every
+    rank (a rank left waiting in the next collective would hang the job): the original on rank 0, a
+    RolloutError (which the caller may recover from) or a RuntimeError naming it on the others."""
+    out, raised = None, None
+    if dist.get_rank() == 0:
+        try:
+            out = (fn(*args), None, False)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            raised, out = e, (None, f"{type(e).__name__} on rank 0: {e}", isinstance(e, RolloutError))
+    result, error, recoverable = _broadcast(out)
+    if raised is not None:
+        raise raised
+    if error is not None:
+        raise RolloutError(error) if recoverable else RuntimeError(error)
+    return result
 
 
 def version(step: int) -> str:
@@ -109,14 +154,16 @@ class OnlineSource:
         self.run_dir = Path(cfg.run.dir)
         prompts, self.stats = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer, arch.vocab_size)
         self.sampler = GroupSampler(prompts, cfg.groups_per_rollout, seed=cfg.run.seed, shuffle=cfg.prompts.shuffle)
+        self.replay = ReplayBuffer(self.r.replay_capacity, seed=cfg.run.seed) if self.r.source == "mix" else None
         self.eval_prompts: list[Prompt] = []
         if cfg.prompts.eval_path:
             self.eval_prompts, _ = load_prompts(cfg.prompts.eval_path, cfg.prompts, tokenizer, arch.vocab_size)
             if cfg.prompts.eval_size:
                 self.eval_prompts = self.eval_prompts[: cfg.prompts.eval_size]
-        self.sampling = SamplingParams(n=cfg.algo.group_size, temperature=self.r.temperature, top_p=self.r.top_p,
-                                       max_new_tokens=self.r.max_new_tokens)
+        self.step = start_step  # of the weights being served; seeds the samples when rollout.seeded
         self.servers, self.client, self.weights = [], None, None
+        self.restarts = 0  # servers restarted (rank 0 restarts them)
+        self.reconnects = 0  # recoveries, on every rank: names the weight-sync groups
 
         # Servers start from the trainer's weights, so they agree with it whatever initialised or resumed it.
         hf_dir = self.run_dir / "rollout_init"
@@ -127,18 +174,11 @@ class OnlineSource:
 
             copy_hf_assets(Path(cfg.model.path), hf_dir)  # the config, when the tokenizer lives elsewhere
         self.version = version(start_step)
-        urls = self._start_servers(hf_dir) if self.rank0 else None
-        self.urls = _broadcast(urls)
-        if self.r.weight_sync == "distributed":
-            from megatron_gvpo.rollout.weight_sync import DistributedWeightSync
-
-            self.weights = DistributedWeightSync(arch, engine.ctx, self.padded_vocab, self.urls,
-                                                 bucket_bytes=self.r.bucket_mb << 20,
-                                                 timeout_s=self.r.request_timeout_s)
-            self.weights.connect()
+        self.urls = _on_rank0(self._start_servers, hf_dir)
+        self._connect()
 
     def _start_servers(self, hf_dir: Path) -> list[str]:
-        from megatron_gvpo.rollout.sglang import SGLangClient, SGLangServer, SGLangServerConfig
+        from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
 
         r = self.r
         urls = list(r.urls)
@@ -149,19 +189,107 @@ class OnlineSource:
             for i in range(r.servers):
                 server = SGLangServer(SGLangServerConfig(
                     model_path=str(hf_dir), tp=r.server_tp, random_seed=self.cfg.run.seed + i,
+                    deterministic=r.seeded and torch.cuda.is_available(),
+                    custom_logit_processor=r.seeded and not torch.cuda.is_available(),
                     weight_version=self.version, max_total_tokens=r.max_total_tokens,
                     startup_timeout_s=r.startup_timeout_s, log_path=str(logs / f"sglang_{i}.log")))
                 self.servers.append(server.start())
                 urls.append(server.url)
-        self.client = SGLangClient(urls, timeout_s=r.request_timeout_s, retries=r.retries)
+        self._new_client(urls)
         return urls
+
+    def _new_client(self, urls: list[str]) -> None:
+        from megatron_gvpo.rollout.sglang import SGLangClient
+
+        self.client = SGLangClient(urls, timeout_s=self.r.request_timeout_s, retries=self.r.retries)
+
+    def _connect(self) -> None:
+        """Collective: the distributed weight sync's process groups with the current servers (a fresh name after
+        a restart, so no server confuses it with the group it lost)."""
+        if self.r.weight_sync == "distributed":
+            from megatron_gvpo.rollout.weight_sync import DistributedWeightSync
+
+            self.weights = DistributedWeightSync(self.arch, self.engine.ctx, self.padded_vocab, self.urls,
+                                                 bucket_bytes=self.r.bucket_mb << 20,
+                                                 timeout_s=self.r.request_timeout_s,
+                                                 group_prefix=f"megatron_gvpo_r{self.reconnects}")
+            self.weights.connect()
+
+    # ------------------------------------------------------------------------------------------------
+    def _resilient(self, work):
+        """Collective: work() (collective); when it fails with a RolloutError, restart this run's dead servers
+        (`_recover`) and do it again."""
+        while True:
+            try:
+                return work()
+            except RolloutError as error:
+                self._recover(error)
+
+    def _recover(self, error: RolloutError) -> None:
+        """Collective: restart the servers this run started that died, reconnect the weight sync and load the
+        trainer's current weights into them; re-raise `error` when there is nothing to restart or the restart
+        budget is spent."""
+        from megatron_gvpo.utils.logging import get_logger
+
+        outcome = self._restart_dead_servers(error) if self.rank0 else None
+        urls, failure = _broadcast(outcome)
+        if failure is not None:
+            raise RolloutError(failure) from error
+        self.reconnects += 1
+        get_logger().warning(f"{error}: restarted the dead SGLang server(s); reloading weights {self.version}")
+        if self.weights is not None:
+            try:
+                self.weights.close()  # the surviving servers leave the old groups; the lost peer's side is gone
+            except RolloutError:
+                pass
+        self.urls = urls
+        self._connect()
+        self._sync(self.version)
+
+    def _restart_dead_servers(self, error: RolloutError) -> tuple[list[str] | None, str | None]:
+        from megatron_gvpo.rollout.sglang import health
+
+        dead = [s for s in self.servers if not s.alive() or not health(s.url)]
+        if not dead:
+            return None, f"{error} (no server this run started has died, so there is nothing to restart)"
+        if self.restarts + len(dead) > self.r.max_server_restarts:
+            return None, (f"{error} ({len(dead)} dead server(s); rollout.max_server_restarts="
+                          f"{self.r.max_server_restarts} restarts, {self.restarts} used)")
+        for server in dead:
+            server.stop()
+            server.cfg.weight_version = "restarted"  # until the trainer's weights arrive as self.version
+            try:
+                server.start()
+            except RolloutError as e:
+                return None, f"{error}; restarting {server.url} failed too: {e}"
+            self.restarts += 1
+        urls = [s.url for s in self.servers]
+        self._new_client(urls)
+        return urls, None
 
     # ------------------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[dict, dict]:
-        """Collective: the next batch of whole groups sampled by the servers, on every rank."""
-        prompts = self.sampler.next_batch()  # every rank advances the sampler, so its state is everywhere
-        out = self._rollout(prompts) if self.rank0 else None
-        return _broadcast(out)
+        """Collective: the next batch of whole groups (sampled by the servers, and replayed ones for 'mix'),
+        on every rank."""
+        self.step += 1
+        replayed = self.replay.draw(self._replay_count()) if self.replay is not None else []
+        prompts = self.sampler.next_batch(self.cfg.groups_per_rollout - len(replayed))  # every rank: same state
+        fresh, dropped, metrics = self._resilient(lambda: _on_rank0(self._rollout, prompts))
+        if self.replay is not None:
+            self.replay.add([g for i, g in enumerate(fresh) if i not in dropped])
+            metrics.update(replay_groups=len(replayed), replay_buffer_groups=len(self.replay))
+        batch = collate(fresh + replayed, seq_len=self.cfg.model.seq_length)  # fresh first: `dropped` indexes it
+        batch["group_ids"] = _ungroup(batch["group_ids"], dropped)
+        return batch, {**metrics, "server_restarts": self.restarts}
+
+    def _seed(self, purpose: int) -> int | None:
+        """The sampling seed of this step's rollout (purpose 0) or evaluation (1) when rollout.seeded; the client
+        adds the sample's index. Hashes of int tuples are the same in every process and run."""
+        return hash((self.cfg.run.seed, self.step, purpose)) & (2**62 - 1) if self.r.seeded else None
+
+    def _replay_count(self) -> int:
+        want = round(self.r.replay_fraction * self.cfg.groups_per_rollout)
+        return want if len(self.replay) >= want else 0  # all fresh until the buffer holds a batch's share
 
     def _sample_and_score(self, prompts: list[Prompt], sampling: SamplingParams):
         """(groups, [(prompt, sample)] flat, RewardResult, seconds generating): the served policy's samples,
@@ -177,17 +305,17 @@ class OnlineSource:
                        [p.label for p, _ in samples], [i // sampling.n for i in range(len(samples))], self.cfg.reward)
         return groups, samples, result, t_generate
 
-    def _rollout(self, prompts: list[Prompt]) -> tuple[dict, dict]:
+    def _rollout(self, prompts: list[Prompt]) -> tuple[list[Group], set[int], dict]:
+        """(groups, indices of the groups to leave out, metrics): one rollout, scored."""
         t0 = time.perf_counter()
-        groups, samples, result, t_rollout = self._sample_and_score(prompts, self.sampling)
-        k = self.sampling.n
+        sampling = SamplingParams(n=self.cfg.algo.group_size, temperature=self.r.temperature, top_p=self.r.top_p,
+                                  max_new_tokens=self.r.max_new_tokens, seed=self._seed(0))
+        groups, samples, result, t_rollout = self._sample_and_score(prompts, sampling)
+        k = sampling.n
         aborted = {i // k for i, (_, x) in enumerate(samples) if x.finish_reason == "abort"}
         dropped = aborted | {i // k for i, keep in enumerate(result.keep) if not keep}
-        batch = collate([Group(tuple(p.ids), tuple(tuple(x.token_ids) for x in g),
-                               tuple(result.rewards[i * k:(i + 1) * k]), p.source)
-                         for i, (p, g) in enumerate(zip(prompts, groups, strict=True))],
-                        seq_len=self.cfg.model.seq_length)
-        batch["group_ids"] = _ungroup(batch["group_ids"], dropped)
+        scored = [Group(tuple(p.ids), tuple(tuple(x.token_ids) for x in g), tuple(result.rewards[i * k:(i + 1) * k]),
+                        p.source) for i, (p, g) in enumerate(zip(prompts, groups, strict=True))]
         rewards = torch.tensor(result.rewards)
         correct = (rewards >= self.r.correct_reward).float()
         by_group = rewards.view(-1, k)
@@ -197,11 +325,11 @@ class OnlineSource:
             "truncated_frac": sum(x.finish_reason == "length" for _, x in samples) / len(samples),
             "aborted_groups": len(aborted), "dropped_groups": len(dropped),
             "equal_reward_groups": int((by_group.max(1).values == by_group.min(1).values).sum()),
-            "rollout_logp_mean": sum(sum(x.logprobs) for _, x in samples) / len(samples),
+            "rollout_logp_mean": sum(sum(x.logprobs) for _, x in samples) / len(samples),  # NaN if seeded on CPU
             "time_rollout_s": t_rollout, "time_reward_s": time.perf_counter() - t0 - t_rollout,
             **result.metrics(),
         }
-        return batch, metrics
+        return scored, dropped, metrics
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -209,10 +337,14 @@ class OnlineSource:
     # ------------------------------------------------------------------------------------------------
     def sync_weights(self, step: int) -> float:
         """Collective: the trainer's current weights into every server as version `step-<step>`; seconds."""
+        t0 = time.perf_counter()
+        self._resilient(lambda: self._sync(version(step)))
+        return time.perf_counter() - t0
+
+    def _sync(self, new: str) -> None:
         from megatron_gvpo.rollout.weight_sync import sync_weights_from_disk, sync_weights_from_tensor
 
-        t0 = time.perf_counter()
-        new, e = version(step), self.engine
+        e = self.engine
         if self.weights is not None:
             self.weights.sync(e.chunks, new)
         elif self.r.weight_sync == "tensor":
@@ -223,19 +355,22 @@ class OnlineSource:
                                    self.run_dir / "rollout_weights", self.run_dir / "rollout_init", new,
                                    timeout_s=self.r.request_timeout_s)
         self.version = new
-        return time.perf_counter() - t0
 
     def evaluate(self) -> dict:
-        """Held-out accuracy under the served weights: greedy, and pass@k at eval_temperature (rank 0's
-        numbers; other ranks get an empty dict)."""
-        if not self.eval_prompts or not self.rank0:
+        """Collective: held-out accuracy under the served weights, greedy and pass@k at eval_temperature, on
+        every rank ({} without eval prompts)."""
+        if not self.eval_prompts:
             return {}
+        return self._resilient(lambda: _on_rank0(self._evaluate))
+
+    def _evaluate(self) -> dict:
         t0 = time.perf_counter()
         metrics = {}
-        runs = [("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=self.r.max_new_tokens))]
-        if self.r.eval_k > 1:
-            runs.append((f"pass@{self.r.eval_k}", SamplingParams(n=self.r.eval_k, temperature=self.r.eval_temperature,
-                                                               max_new_tokens=self.r.max_new_tokens)))
+        r = self.r
+        runs = [("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=r.max_new_tokens))]
+        if r.eval_k > 1:
+            runs.append((f"pass@{r.eval_k}", SamplingParams(n=r.eval_k, temperature=r.eval_temperature,
+                                                          max_new_tokens=r.max_new_tokens, seed=self._seed(1))))
         for name, sampling in runs:
             _, _, result, _ = self._sample_and_score(self.eval_prompts, sampling)
             correct = torch.tensor(result.rewards).view(-1, sampling.n) >= self.r.correct_reward
@@ -245,10 +380,15 @@ class OnlineSource:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        state = {"sampler": self.sampler.state_dict()}
+        if self.replay is not None:
+            state["replay"] = self.replay.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        if self.replay is not None and "replay" in state:  # a run switched to 'mix' starts with an empty buffer
+            self.replay.load_state_dict(state["replay"])
 
     def close(self) -> None:
         try:
@@ -285,3 +425,33 @@ def _ungroup(group_ids: torch.Tensor, dropped: set[int]) -> torch.Tensor:
             out[row] = fresh
             fresh += 1
     return out
+
+
+class ReplayBuffer:
+    """The newest `capacity` scored groups, drawn uniformly without replacement within a batch (source 'mix').
+    Every rank holds the same buffer (the groups come from the broadcast rollout) and the same generator, so
+    draws agree without communication; `state_dict()` makes a resumed run draw what the uninterrupted one
+    would have."""
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity = capacity
+        self.groups: list[Group] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def add(self, groups: list[Group]) -> None:
+        self.groups = (self.groups + list(groups))[-self.capacity:]
+
+    def draw(self, count: int) -> list[Group]:
+        if count > len(self.groups):
+            raise ValueError(f"replay draw of {count} groups from a buffer of {len(self.groups)}")
+        return [self.groups[i] for i in torch.randperm(len(self.groups), generator=self.generator)[:count].tolist()]
+
+    def state_dict(self) -> dict:
+        return {"groups": [dataclasses.astuple(g) for g in self.groups], "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.groups = [Group(*g) for g in state["groups"]]
+        self.generator.set_state(state["generator"])

@@ -10,12 +10,14 @@ servers, spreads prompts over them, retries a request on another server when one
 every answer into `Sample`s with SGLang's finish reason ('stop' / 'length' / 'abort'); a malformed answer or a
 deadline is a `RolloutError`, never a silently short batch.
 
-Reproducible sampling. SGLang honours per-request seeds only in its deterministic mode
-(`SGLangServerConfig.deterministic`, GPU attention backends). There, `SamplingParams.seed` sends the group of a
-prompt as n requests with seeds seed + (prompt index * n + j): distinct samples, reproducible for the same
-prompts, seed and weights (SGLang's own `n` would give all n copies one seed). A seed sent to a server without
-that mode would be silently ignored, so the client refuses it. On CPU (torch_native attention, which has no
-deterministic mode) samples are reproducible through the server's `random_seed` and the order of requests.
+Reproducible sampling. `SamplingParams.seed` sends the group of a prompt as n requests with seeds
+seed + (prompt index * n + j): distinct samples, reproducible for the same prompts, seed and weights (SGLang's
+own `n` would give all n copies one seed). How a server honours the seed depends on how it runs:
+- with deterministic inference (`SGLangServerConfig.deterministic`, GPU attention backends): SGLang's own
+  `sampling_seed`;
+- with custom logit processors enabled (`SGLangServerConfig.custom_logit_processor`, any device, the CPU path
+  included): `megatron_gvpo.rollout.seeded.SeededGumbel`, exact seeded sampling whose samples carry NaN log-probs;
+- otherwise the seed would be silently ignored, so the client refuses it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_gvpo.rollout.base import RolloutError, Sample, SamplingParams
+from megatron_gvpo.utils.process import die_with_parent
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_STUBS = Path(__file__).resolve().parent / "cpu_stubs"
 """Import-only stand-ins for modules SGLang imports but never calls on its CPU path (README inside)."""
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch")
@@ -53,7 +57,11 @@ class SGLangServerConfig:
     weight_version: str = "default"
     """The version the served weights start with (samples carry it until the first weight sync)."""
     deterministic: bool = False
-    """--enable-deterministic-inference: SGLang honours per-request sampling seeds only with it."""
+    """--enable-deterministic-inference: SGLang honours per-request sampling seeds only with it (GPU)."""
+    custom_logit_processor: bool = False
+    """--enable-custom-logit-processor --disable-overlap-schedule, for seeded sampling where deterministic
+    inference is unavailable (megatron_gvpo/rollout/seeded.py; with overlap scheduling a request's output_ids
+    lag one token behind the token being sampled). Lets clients run code on the server: trusted networks only."""
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     startup_timeout_s: float = 180.0
@@ -67,15 +75,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the process that started it dies (Linux), so a trainer
-    killed without cleanup (SIGKILL, OOM) leaves no orphaned server holding memory and ports."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class _PortTaken(Exception):
@@ -127,7 +126,7 @@ class SupervisedProcess:
                 self._log_offset = log.tell()
                 self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                                 env=self.environment(), start_new_session=True,
-                                                preexec_fn=_die_with_parent)
+                                                preexec_fn=die_with_parent)
             try:
                 self.wait_ready(self.startup_timeout_s)
                 return self
@@ -217,6 +216,8 @@ class SGLangServer(SupervisedProcess):
                "--weight-version", c.weight_version]
         if c.deterministic:
             cmd += ["--enable-deterministic-inference"]
+        if c.custom_logit_processor:
+            cmd += ["--enable-custom-logit-processor", "--disable-overlap-schedule"]
         if c.mem_fraction_static is not None:
             cmd += ["--mem-fraction-static", str(c.mem_fraction_static)]
         if c.max_total_tokens is not None:
@@ -229,6 +230,8 @@ class SGLangServer(SupervisedProcess):
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ, **self.cfg.env}
+        if self.cfg.custom_logit_processor:  # the seeded sampler is passed by reference (rollout/seeded.py)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         if not _cuda_available():
             env.setdefault("OMP_NUM_THREADS", "1")  # torch_native attention stalls with 2 threads on 2 cores
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUBS), env.get("PYTHONPATH", "")) if p)
@@ -262,7 +265,7 @@ class SGLangClient:
         if not urls:
             raise ValueError("SGLangClient needs at least one server URL")
         self.urls, self.timeout_s, self.retries = list(urls), timeout_s, retries
-        self._deterministic: dict[str, bool] = {}
+        self._seed_modes: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
@@ -272,12 +275,11 @@ class SGLangClient:
                 raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p[:8]!r}...")
         if not prompts:
             return []
-        if sampling.seed is not None:
-            self._check_deterministic()
+        mode = self._seed_mode() if sampling.seed is not None else None
         # Prompts dealt round-robin over the servers; each server gets its share as one batched request.
         parts = [list(range(len(prompts)))[s::len(self.urls)] for s in range(len(self.urls))]
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            futures = [pool.submit(self._generate_on, s, [prompts[i] for i in idx], idx, sampling)
+            futures = [pool.submit(self._generate_on, s, [prompts[i] for i in idx], idx, sampling, mode)
                        for s, idx in enumerate(parts) if idx]
             groups: dict[int, list[Sample]] = {}
             for f in futures:
@@ -285,8 +287,8 @@ class SGLangClient:
         return [groups[i] for i in range(len(prompts))]
 
     def _generate_on(self, server: int, prompts: list[list[int]], indices: list[int],
-                     sampling: SamplingParams) -> dict[int, list[Sample]]:
-        payload = self._payload(prompts, indices, sampling)
+                     sampling: SamplingParams, seed_mode: str | None) -> dict[int, list[Sample]]:
+        payload = self._payload(prompts, indices, sampling, seed_mode)
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             url = self.urls[(server + attempt) % len(self.urls)]
@@ -297,25 +299,36 @@ class SGLangClient:
                     raise RolloutError(f"rollout request to {url} timed out after {self.timeout_s:.0f} s") from e
                 last = f"{url}: {e!r}"
                 continue
-            return self._parse(answer, indices, sampling.n, url)
+            return self._parse(answer, indices, sampling.n, url, logprobs=seed_mode != "processor")
         raise RolloutError(f"rollout request failed on every server ({self.retries + 1} attempts): {last}")
 
     @staticmethod
-    def _payload(prompts: list[list[int]], indices: list[int], s: SamplingParams) -> dict:
+    def _payload(prompts: list[list[int]], indices: list[int], s: SamplingParams, seed_mode: str | None) -> dict:
         params = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                   "max_new_tokens": s.max_new_tokens, "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
                   "ignore_eos": s.ignore_eos}
-        if s.seed is None:
+        if seed_mode is None:
             return {"input_ids": prompts, "sampling_params": {**params, "n": s.n}, "return_logprob": True}
         # One request per sample, each with its own seed (see the module docstring).
-        return {
-            "input_ids": [p for p in prompts for _ in range(s.n)],
-            "sampling_params": [{**params, "sampling_seed": s.seed + i * s.n + j} for i in indices for j in range(s.n)],
-            "return_logprob": True,
-        }
+        seeds = [s.seed + i * s.n + j for i in indices for j in range(s.n)]
+        payload = {"input_ids": [p for p in prompts for _ in range(s.n)], "return_logprob": True}
+        if seed_mode == "native":
+            payload["sampling_params"] = [{**params, "sampling_seed": seed} for seed in seeds]
+        elif s.temperature == 0:
+            payload["sampling_params"] = [params] * len(seeds)  # greedy needs no seed
+        else:
+            from megatron_gvpo.rollout.seeded import processor_string
+
+            if s.top_p < 1 or s.top_k > 0:
+                raise ValueError("seeded sampling through SeededGumbel (servers without deterministic inference) "
+                                 f"samples the full distribution: top_p={s.top_p}, top_k={s.top_k} are not supported")
+            payload["sampling_params"] = [{**params, "temperature": 0.0, "custom_params": {
+                "seed": seed, "temperature": s.temperature}} for seed in seeds]
+            payload["custom_logit_processor"] = processor_string()
+        return payload
 
     @staticmethod
-    def _parse(answer, indices: list[int], n: int, url: str) -> dict[int, list[Sample]]:
+    def _parse(answer, indices: list[int], n: int, url: str, logprobs: bool = True) -> dict[int, list[Sample]]:
         outputs = answer if isinstance(answer, list) else [answer]
         if len(outputs) != len(indices) * n:
             raise RolloutError(f"{url} returned {len(outputs)} samples for {len(indices)} prompts x n={n}")
@@ -326,39 +339,51 @@ class SGLangClient:
                 reason = meta["finish_reason"]
                 kind = reason["type"] if isinstance(reason, dict) else reason
                 token_ids = list(out["output_ids"])
-                logprobs = [float(lp) for lp, _tok, *_ in meta["output_token_logprobs"]]
+                token_logprobs = [float(lp) for lp, _tok, *_ in meta["output_token_logprobs"]]
             except (KeyError, TypeError, ValueError) as e:
                 raise RolloutError(f"{url} returned a malformed sample ({e!r}): {str(out)[:300]}") from None
             if kind not in ("stop", "length", "abort"):
                 raise RolloutError(f"{url} returned unknown finish reason {reason!r}")
-            if len(logprobs) != len(token_ids):
-                raise RolloutError(f"{url} returned {len(logprobs)} log-probs for {len(token_ids)} tokens")
+            if len(token_logprobs) != len(token_ids):
+                raise RolloutError(f"{url} returned {len(token_logprobs)} log-probs for {len(token_ids)} tokens")
+            if not logprobs:  # of the seeded sampler's rewritten logits, not the policy's (rollout/seeded.py)
+                token_logprobs = [float("nan")] * len(token_ids)
             prompt = indices[k // n]
             groups.setdefault(prompt, []).append(Sample(
-                prompt_index=prompt, token_ids=token_ids, logprobs=logprobs, finish_reason=kind,
+                prompt_index=prompt, token_ids=token_ids, logprobs=token_logprobs, finish_reason=kind,
                 weight_version=meta.get("weight_version"), text=out.get("text"),
                 info={"server": url, "finish_reason": reason, "e2e_latency": meta.get("e2e_latency"),
                       "cached_tokens": meta.get("cached_tokens")},
             ))
         return groups
 
-    def _check_deterministic(self) -> None:
+    def _seed_mode(self) -> str:
+        """How the servers honour a sampling seed: 'native' (deterministic inference) or 'processor' (custom
+        logit processors, megatron_gvpo/rollout/seeded.py); a server that would ignore it is a ValueError."""
         for url in self.urls:
-            if url not in self._deterministic:
+            if url not in self._seed_modes:
                 try:
                     info = _http(f"{url}/server_info", None, 30.0)
                 except (urllib.error.URLError, OSError) as e:
                     raise ValueError(
-                        f"sampling seed given, but {url}/server_info does not say whether the server runs with "
-                        f"--enable-deterministic-inference ({e}); an sglang-router does not forward /server_info "
-                        "(nor per-request seeds): send seeded requests to the servers themselves") from None
-                self._deterministic[url] = isinstance(info, dict) and bool(info.get("enable_deterministic_inference"))
-            if not self._deterministic[url]:
+                        f"sampling seed given, but {url}/server_info does not say how the server samples ({e}); an "
+                        "sglang-router does not forward /server_info (nor per-request seeds): send seeded requests "
+                        "to the servers themselves") from None
+                info = info if isinstance(info, dict) else {}
+                self._seed_modes[url] = ("native" if info.get("enable_deterministic_inference") else
+                                         "processor" if info.get("enable_custom_logit_processor")
+                                         and info.get("disable_overlap_schedule") else "")
+            if not self._seed_modes[url]:
                 raise ValueError(
-                    f"sampling seed given, but the SGLang server at {url} runs without "
-                    "--enable-deterministic-inference (SGLangServerConfig.deterministic), so it would ignore the "
-                    "seed; on CPU there is no deterministic mode: reproduce samples through the server's random_seed"
-                )
+                    f"sampling seed given, but the SGLang server at {url} runs with neither "
+                    "--enable-deterministic-inference (SGLangServerConfig.deterministic, GPU) nor "
+                    "--enable-custom-logit-processor --disable-overlap-schedule "
+                    "(SGLangServerConfig.custom_logit_processor), so it would ignore the seed")
+        modes = {self._seed_modes[u] for u in self.urls}
+        if len(modes) > 1:
+            raise ValueError(f"sampling seed given, but the servers honour seeds differently: {self._seed_modes}; "
+                             "the same seed would give different samples on different servers")
+        return modes.pop()
 
     # ------------------------------------------------------------------------------------------------
     def health(self) -> bool:

@@ -4,7 +4,9 @@
   would otherwise repeat every step.
 - `MetricsSink`: `metrics.jsonl` in the run directory always (one JSON object per record, flushed each
   time so a killed run keeps everything logged so far); TensorBoard and wandb when installed and asked for.
-  Only rank 0 writes; other ranks get a sink that does nothing.
+  Only rank 0 writes; other ranks get a sink that does nothing. A run resumed from the checkpoint of step N
+  keeps the records up to step N and drops later ones (logged by a run killed before its next checkpoint,
+  and about to be logged again), so the file reads like one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -49,18 +51,32 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn last line (killed mid-write) sorts after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsSink:
     """Append-only metrics: jsonl always, TensorBoard / wandb optionally (rank 0 only)."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = False,
-                 wandb_project: str = "", config: dict | None = None, append: bool = False):
+                 wandb_project: str = "", config: dict | None = None, resume_step: int = 0):
         self.enabled = enabled
         self._tb = self._wandb = None
         if not enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a" if append else "w")
+        path = run_dir / "metrics.jsonl"
+        if resume_step > 0 and path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _step(line) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+        self._file = open(path, "a" if resume_step > 0 else "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -1,4 +1,5 @@
-"""Training curves from a run's metrics.jsonl, as one PNG: reward, held-out accuracy, loss terms, step time.
+"""Training curves from a run's metrics.jsonl, as one PNG: reward, held-out accuracy, loss terms, KL to the
+start policy, gradient norm, step time.
 
     .venv/bin/python tools/plot_metrics.py runs/addition_gvpo    # writes runs/addition_gvpo/curves.png
 """
@@ -32,7 +33,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     records = read_metrics(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "curves.png"
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
     ax = axes[0][0]
     ax.plot(*_series(records, "reward_mean"), label="train reward (mean)")
     ax.plot(*_series(records, "accuracy"), label="train accuracy", alpha=0.6)
@@ -42,11 +43,23 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.plot(*_series(records, key), marker="o", label=key.removeprefix("eval_"))
     ax.set_title("held-out accuracy")
     ax.set_ylim(0, 1)
+    ax = axes[0][2]
+    ax.plot(*_series(records, "kl_to_start"), marker="o", label="KL(pi_start || pi)")
+    ax.set_title("KL to the start policy [nats per response]")
     ax = axes[1][0]
-    for key in ("loss", "cov_reward_logp", "cov_logp_ref", "var_logp", "grad_norm"):
+    for key in ("loss", "cov_reward_logp"):
         ax.plot(*_series(records, key), label=key, alpha=0.8)
+    twin = ax.twinx()  # the log-prob (co)variances are ~100x the loss
+    for key, color in (("cov_logp_ref", "tab:green"), ("var_logp", "tab:red")):
+        twin.plot(*_series(records, key), label=f"{key} (right axis)", color=color, alpha=0.5)
+    if twin.get_legend_handles_labels()[0]:
+        twin.legend(fontsize=8, loc="lower right")
     ax.set_title("loss and its terms (paper Eq. 17)")
     ax = axes[1][1]
+    ax.plot(*_series(records, "grad_norm"), label="grad norm", alpha=0.8)
+    ax.set_yscale("log" if _series(records, "grad_norm")[1] else "linear")
+    ax.set_title("gradient norm")
+    ax = axes[1][2]
     steps = [r["step"] for r in records if "time_step_s" in r]
     bottom = [0.0] * len(steps)
     for key, label in TIME_PARTS:

@@ -1,4 +1,5 @@
-"""Import-only stand-in for `torchvision.io` (see cpu_stubs/torchvision/__init__.py): decode_image raises NotImplementedError."""
+"""Import-only stand-in for `torchvision.io` (see cpu_stubs/torchvision/__init__.py):
+decode_image raises NotImplementedError."""
 import enum
 
 from torchvision import _unavailable

@@ -1,4 +1,5 @@
-"""Import-only stand-in for `torchvision.transforms` (see cpu_stubs/torchvision/__init__.py): only the InterpolationMode enum."""
+"""Import-only stand-in for `torchvision.transforms` (see cpu_stubs/torchvision/__init__.py):
+only the InterpolationMode enum."""
 import enum
 
 

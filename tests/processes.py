@@ -1,0 +1,32 @@
+"""Interrupting a training run the way a cluster would: start a command, wait until its metrics.jsonl holds
+a number of lines, then signal it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def signal_after_lines(command: list[str], metrics: Path, lines: int, sig: int = signal.SIGKILL,
+                       timeout_s: float = 300.0) -> tuple[int, str]:
+    """Run `command` (in the repository, one OpenMP thread), send `sig` once `metrics` has `lines` lines, and
+    return its exit status and output. Fails if it exits first or the lines do not come within timeout_s."""
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= lines):
+            assert proc.poll() is None, f"exited before {lines} metrics lines:\n{proc.stdout.read()}"
+            assert time.monotonic() < deadline, f"no {lines} metrics lines after {timeout_s:.0f} s"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out
