@@ -54,6 +54,7 @@ try:
     import megatron_gvpo  # noqa: F401
 except ImportError:
     sys.path.insert(0, str(REPO_ROOT))
+from _common import publish  # noqa: E402,F401 - other benchmarks import it from here too
 from megatron_gvpo.ops import vocab_parallel_logprobs  # noqa: E402
 from megatron_gvpo.utils.distributed import free_port  # noqa: E402
 
@@ -406,15 +407,6 @@ def main(argv: list[str] | None = None) -> None:
 
     report = format_header(args.tokens, repeats, args.quick, overwrites) + "\n\n" + format_table(rows) + "\n"
     publish(report, Path(args.out) if args.out is not None else None)
-
-
-def publish(report: str, out: Path | None) -> None:
-    """Print a benchmark's Markdown report and write it to `out` (none: print only)."""
-    print(report)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
-        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

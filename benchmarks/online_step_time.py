@@ -28,16 +28,13 @@ import datetime
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "online_step_time.md"
-for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from _common import REPO_ROOT, RESULTS, publish
+
+DEFAULT_OUT = RESULTS / "online_step_time.md"
 
 STEPS, WARMUP = 40, 5
 PHASES = (("time_rollout_s", "rollout"), ("time_reward_s", "reward"), ("time_logprob_s", "log-probs"),
@@ -64,7 +61,6 @@ def run(seeded: bool) -> list[dict]:
 
 
 def main() -> None:
-    from logprob_memory import publish
     from megatron_gvpo.config import Config, load_config
 
     t_start = time.perf_counter()

@@ -286,8 +286,23 @@ class ModelConfig:
     """Layer implementation: Transformer Engine when importable ('auto') or required, else Megatron's local spec."""
     seq_length: int = 512
     """Padded sequence length (prompt + response) of every training micro-batch."""
+    fp8: Literal["", "e4m3", "hybrid"] = ""
+    """FP8 GEMMs through Transformer Engine (megatron_gvpo/megatron/fp8.py): 'e4m3', or 'hybrid' (E4M3
+    forward, E5M2 gradients); '' computes in `dtype`. Needs dtype bfloat16, Transformer Engine and a GPU with
+    FP8 tensor cores, checked before the model is built."""
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "tensorwise"
+    """Scaling: 'delayed' (amax history), 'tensorwise' (current per-tensor scaling), 'blockwise' (128-element
+    blocks, Hopper+), 'mxfp8' (32-element blocks, Blackwell)."""
+    fp8_param_gather: bool = False
+    """Keep parameters in FP8 (Megatron's fp8_param): the distributed optimizer's all-gather moves half the
+    bytes of bf16."""
 
     def validate(self) -> None:
+        if self.fp8 and (self.dtype != "bfloat16" or self.transformer_impl == "local"):
+            raise ValueError(f"model.fp8={self.fp8!r} needs model.dtype='bfloat16' (got {self.dtype!r}) and "
+                             f"Transformer Engine layers (model.transformer_impl is {self.transformer_impl!r})")
+        if self.fp8_param_gather and not self.fp8:
+            raise ValueError("model.fp8_param_gather needs model.fp8 ('e4m3' or 'hybrid')")
         if not self.path:
             raise ValueError("model.path must name a Hugging Face model directory or config.json")
         if self.init == "pretrained" and self.path.endswith(".json"):
@@ -331,6 +346,9 @@ class TrainConfig:
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
     logprob_chunk_size: int | None = None
     """Tokens per chunk in the vocab-parallel log-prob kernel; None sizes chunks to 16 MiB buffers."""
+    recompute: Literal["none", "full"] = "none"
+    """Activation recomputation: 'full' keeps only each layer's input and recomputes the layer in backward
+    (Megatron's uniform method, one layer per checkpoint): activation memory / ~20 for one more forward."""
     packing: Literal["padded", "thd"] = "padded"
     """Model input layout: 'padded' rows, or 'thd' (each micro-batch's sequences packed into one row without
     padding; Transformer Engine attention only)."""
@@ -358,6 +376,33 @@ class TrainConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where a run is placed: read by the planner (`python -m megatron_gvpo.plan`) and the launch scripts
+    (launch/), never by the trainer, which sees only its own processes."""
+
+    nodes: int = 1
+    """Nodes of the allocation (SLURM's --nodes)."""
+    gpus_per_node: int = 8
+    rollout_nodes: int = 0
+    """Nodes that run only SGLang servers (rollout.server_tp GPUs each); the other nodes train. 0: colocated,
+    the servers share the trainer's GPUs (SGLang releases its memory while the trainer steps)."""
+    gpu: str = "H100-SXM-80GB"
+    """Accelerator model; the planner's table in megatron_gvpo/plan.py gives its memory, FLOP/s and links."""
+
+    def validate(self) -> None:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(f"cluster.nodes and cluster.gpus_per_node must be >= 1, got {self.nodes}, "
+                             f"{self.gpus_per_node}")
+        if not 0 <= self.rollout_nodes < self.nodes:
+            raise ValueError(f"cluster.rollout_nodes={self.rollout_nodes} must leave at least one of the "
+                             f"{self.nodes} nodes to the trainer")
+
+    @property
+    def trainer_gpus(self) -> int:
+        return (self.nodes - self.rollout_nodes) * self.gpus_per_node
+
+
+@dataclass
 class Config:
     """The trainer's configuration; YAML sections map to these fields."""
 
@@ -379,6 +424,8 @@ class Config:
     """Prompts for online rollouts (schema in megatron_gvpo/data/prompts.py)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """How online samples are scored (megatron_gvpo/rewards/scoring.py)."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Nodes and roles for the planner and launch scripts."""
 
     def validate(self) -> None:
         k, gbs, mbs = self.algo.group_size, self.train.global_batch_size, self.train.micro_batch_size
@@ -391,6 +438,9 @@ class Config:
             )
         if self.parallel.world_size is not None:
             self.check_world_size(self.parallel.world_size)
+        if self.model.fp8_param_gather and not self.train.distributed_optimizer:
+            raise ValueError("model.fp8_param_gather keeps FP8 parameters that Megatron's distributed optimizer "
+                             "all-gathers: set train.distributed_optimizer=true")
         if self.rollout.source != "offline":
             if not self.prompts.path:
                 raise ValueError(f"rollout.source={self.rollout.source!r} needs prompts.path (a JSONL file of prompts)")

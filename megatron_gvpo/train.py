@@ -33,7 +33,7 @@ def build(cfg: Config):
     """Process groups, the model with its optimizer, and the tokenizer."""
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.engine import MegatronEngine
-    from megatron_gvpo.megatron.parallel import initialize_parallel
+    from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
     from megatron_gvpo.utils.distributed import init_distributed
@@ -42,10 +42,14 @@ def build(cfg: Config):
     _, world_size = init_distributed()
     cfg.check_world_size(world_size)
     ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
-    arch = arch_from_hf(load_hf_config(cfg.model.path))
-    arch.check_sequence_length(cfg.model.seq_length)
-    hf_state = None if cfg.model.load else hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed)
-    return MegatronEngine(cfg, arch, ctx, hf_state), arch, load_tokenizer(cfg)
+    try:
+        arch = arch_from_hf(load_hf_config(cfg.model.path))
+        arch.check_sequence_length(cfg.model.seq_length)
+        hf_state = None if cfg.model.load else hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed)
+        return MegatronEngine(cfg, arch, ctx, hf_state), arch, load_tokenizer(cfg)
+    except BaseException:
+        destroy_parallel()  # a process that goes on (a notebook, a test worker) can build again
+        raise
 
 
 class OfflineSource:

@@ -208,3 +208,41 @@ def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets,
         for key, value in w.items():  # strings and counts exactly, floats to 1e-5 relative
             assert g[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), (key, lines)
     assert want[2]["kl_to_start"] > 0 and want[4]["reward_mean"] != want[1]["reward_mean"]
+
+
+def attached_run(run_dir, assets, url):
+    from megatron_gvpo.train import main
+    from tests.gloo_pool import checkpoint_helpers_allowed
+
+    with checkpoint_helpers_allowed():
+        _attached_main(main, run_dir, assets, url)
+    return True
+
+
+def _attached_main(main, run_dir, assets, url):
+    main(["--config", str(REPO / "configs/addition_gvpo.yaml"), "--set", f"run.dir={run_dir}",
+          f"model.path={REPO / 'configs/models/tiny_llama.json'}", f"model.tokenizer={assets / 'tokenizer'}",
+          f"prompts.path={assets / 'train_prompts.jsonl'}", f"prompts.eval_path={assets / 'heldout_prompts.jsonl'}",
+          "train.steps=1", "run.save_interval=0", "algo.group_size=4", "train.global_batch_size=16",
+          "train.micro_batch_size=8", "rollout.max_new_tokens=6", "model.seq_length=16", "prompts.max_prompt_tokens=8",
+          "rollout.seeded=false", f"rollout.urls=[{url}]"])
+
+
+def test_attached_servers_get_the_trainers_weights_before_the_first_request(gloo, assets, tmp_path):
+    """A server the trainer attaches to (rollout.urls; the launcher starts them with random weights, SGLang's
+    --load-format dummy) is loaded with the trainer's weights first: the evaluation before step 1 already sees
+    version step-0 (the server's own 'default' would fail it)."""
+    pytest.importorskip("sglang")
+    import shutil
+
+    from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(REPO / "configs/models/tiny_llama.json", model / "config.json")
+    config = SGLangServerConfig(model_path=str(model), max_total_tokens=2048,
+                                extra_args=("--load-format", "dummy", "--tokenizer-path", str(assets / "tokenizer")))
+    with SGLangServer(config) as server:
+        gloo.run(1, attached_run, str(tmp_path / "run"), assets, server.url)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("eval_weight_version")) for r in records] == [(0, "step-0"), (1, "step-1")]

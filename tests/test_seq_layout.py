@@ -104,7 +104,7 @@ def test_padded_layout_pads_columns_to_the_cp_multiple():
     assert out["tokens"].shape == (6, 4) and out["seq_index"].shape == (6, 4)
 
 
-def head_run(packing: str, fused: bool):
+def head_run(packing: str, fused: bool, pad_multiple: int = 1):
     """One micro-batch through the production GVPO head on this CP rank (the world); returns the completed
     sequence log-probs, the loss as Megatron reports it, and this rank's gradient w.r.t. the full output."""
     from megatron_gvpo.megatron.step import GVPOLossSpec, LogprobSpec, gvpo_head
@@ -118,13 +118,15 @@ def head_run(packing: str, fused: bool):
     # The model output at every (row, position) of the padded batch: what any layout's model would produce.
     full = torch.randn(b, s, HIDDEN if fused else VOCAB, generator=g).requires_grad_()
     tracker = dict(mb, tokens=torch.arange(b * s).view(b, s))  # the layout moves positions like tokens
-    local = layout_microbatch(tracker, SequenceLayout(packing=packing, cp_size=cp, cp_rank=rank))
+    local = layout_microbatch(tracker, SequenceLayout(packing=packing, cp_size=cp, cp_rank=rank,
+                                                      pad_multiple=pad_multiple))
     source = local["tokens"].clamp(max=b * s - 1)
     output = full.reshape(b * s, -1)[source]  # [b', t', .] this rank's model output
     group = dist.group.WORLD if cp > 1 else None
     spec = GVPOLossSpec(
         beta=BETA, strategy="group_atomic", num_groups=2, megatron_scale=1 * 1 * cp, dp_group=None,
-        logprobs=LogprobSpec(tp_group=None, vocab_size=VOCAB, cp_group=group, packing=packing, fused=fused),
+        logprobs=LogprobSpec(tp_group=None, vocab_size=VOCAB, cp_group=group, packing=packing, fused=fused,
+                             pad_multiple=pad_multiple),
     )
     loss, metrics = gvpo_head(local, weight if fused else None, output, spec=spec)
     # Megatron: loss / num_microbatches (here 1) in the schedule, then DDP averages gradients over DP x CP.
@@ -149,6 +151,28 @@ def test_cp_and_thd_heads_equal_the_padded_single_process_reference(gloo, cp, pa
         assert loss == pytest.approx(want_loss, rel=1e-5)
         for got, want in zip(grads, want_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+@pytest.mark.parametrize("packing", ["padded", "thd"])
+def test_fp8_padding_leaves_the_head_unchanged(packing, fused):
+    """FP8 GEMMs need token counts in multiples of 16 (32 for MXFP8): padding every sequence (THD) or the
+    micro-batch width (padded) that far adds only unscored positions, so log-probs, loss and gradients equal the
+    unpadded layout's."""
+    from megatron_gvpo.config import ModelConfig
+    from megatron_gvpo.megatron.fp8 import fp8_pad_multiple
+
+    multiple = fp8_pad_multiple(ModelConfig(dtype="bfloat16", fp8="hybrid"))
+    assert multiple == 16 and fp8_pad_multiple(ModelConfig(dtype="bfloat16", fp8="e4m3", fp8_recipe="mxfp8")) == 32
+    layout = layout_microbatch(make_microbatch(), SequenceLayout(packing=packing, pad_multiple=multiple))
+    bounds = layout["cu_seqlens_padded"] if packing == "thd" else torch.tensor(layout["tokens"].shape[1:])
+    assert (bounds % multiple == 0).all()
+    want_logp, want_loss, want_grads = head_run(packing, fused)
+    logp, loss, grads = head_run(packing, fused, pad_multiple=multiple)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-6, atol=1e-6)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    for got, want in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_te_thd_partition_matches_ours():

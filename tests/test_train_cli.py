@@ -1,6 +1,7 @@
 """Contract of `python -m megatron_gvpo.train` (offline GVPO): on the tiny config with generated assets it
 writes config.yaml, metrics.jsonl (step, loss, grad_norm, lr, tokens, the Eq. 17 terms) and checkpoints; the
-same config and seed give the same per-step loss at TP=2 and PP=2 as in one process; a run stopped and
+same config and seed give the same per-step loss at TP=2 and PP=2 (and with full activation recomputation) as in
+one process; a run stopped and
 restarted in the same directory, or SIGKILLed at a random step and restarted, resumes and reproduces the
 uninterrupted run's metrics."""
 
@@ -50,7 +51,8 @@ def test_outputs(single):
     assert (single / "checkpoints" / "latest").read_text().strip() == "step_0000004"
 
 
-@pytest.mark.parametrize("overrides", [["parallel.tp=2"], ["parallel.pp=2", "algo.group_strategy=prepass"]])
+@pytest.mark.parametrize("overrides", [["parallel.tp=2"], ["parallel.pp=2", "algo.group_strategy=prepass"],
+                                       ["parallel.tp=2", "train.recompute=full"]])
 def test_same_loss_at_every_layout(gloo, assets, single, tmp_path, overrides):
     gloo.run(2, cli_run_with_checkpoints, str(tmp_path), assets, overrides)
     want, got = metrics(single), metrics(tmp_path)
@@ -122,3 +124,46 @@ def test_preemption_signal_checkpoints_and_stops(assets, tmp_path, sig):
     last = metrics(tmp_path)[-1]["step"]
     assert 2 <= last < 1000 and "pre-emption signal: checkpointed step" in out
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:07d}"
+
+
+MANAGER_SCRIPT = """
+import sys, time
+from megatron_gvpo.megatron import checkpoint
+checkpoint._results_queue_that_dies_with_us()
+print(checkpoint._results_manager._process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_checkpoint_results_manager_survives_preemption_signals_and_dies_with_the_trainer():
+    """Megatron's checkpoint writer reports through a Manager process. torchrun forwards SLURM's pre-emption
+    signals to each rank's whole process group: the manager must outlive them (the checkpoint they ask for
+    needs it), and still go when the trainer is SIGKILLed (no orphan holding the trainer's stdout)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\nState:\tZ" not in f.read()
+        except FileNotFoundError:
+            return False
+
+    trainer = subprocess.Popen([sys.executable, "-c", MANAGER_SCRIPT], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        manager = int(trainer.stdout.readline())
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            os.kill(manager, sig)
+        time.sleep(1.0)
+        assert alive(manager)
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 15
+        while alive(manager) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(manager)
+    finally:
+        trainer.kill()

@@ -125,21 +125,31 @@ _results_manager = None
 
 def _results_queue_that_dies_with_us() -> None:
     """Megatron's torch_dist writer passes write results through a multiprocessing Manager that it spawns on
-    the first save (`filesystem_async._get_write_results_queue`). A trainer killed with SIGKILL left that
-    manager running for good, holding the trainer's stdout (measured: whoever waited for the trainer's output
-    hung). Started here instead, with PR_SET_PDEATHSIG, it dies with the trainer."""
+    the first save (`filesystem_async._get_write_results_queue`). Two ways that went wrong, both measured:
+    a trainer killed with SIGKILL left the manager running for good, holding the trainer's stdout (whoever
+    waited for the trainer's output hung); and torchrun forwards SLURM's pre-emption signal (SIGUSR1/SIGTERM)
+    to each rank's whole process group, which killed the manager, so the checkpoint that signal asks for
+    failed. Started here instead, the manager ignores those signals and is SIGKILLed when the trainer dies."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from megatron_gvpo.utils.process import die_with_parent
-
     global _results_manager
     if filesystem_async._results_queue is None:
         _results_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        _results_manager.start(initializer=die_with_parent)
+        _results_manager.start(initializer=_results_manager_init)
         filesystem_async._results_queue = _results_manager.Queue()
+
+
+def _results_manager_init() -> None:
+    import signal
+
+    from megatron_gvpo.utils.process import die_with_parent
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)  # SIGTERM is ignored now
 
 
 def save_checkpoint(engine: MegatronEngine, directory: str | Path, step: int, trainer_state: dict[str, Any]) -> Path:

@@ -91,6 +91,7 @@ def apply_cpu_compat() -> bool:
         if not _patched:
             _patch_rng()
             _patch_device_api()
+            _patch_recompute_backward()
             _patch_tensor_type()
             _patched = True
     _enter_device_redirect_on_this_thread()
@@ -248,6 +249,22 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to:
             args = tuple(_to_cpu_if_cuda(a) for a in args)
         return func(*args, **kwargs)
+
+
+def _patch_recompute_backward() -> None:
+    """Activation recomputation (train.recompute) runs each layer's forward again inside autograd's backward,
+    where torch function modes are not active (measured: a mode entered on the thread does not see the calls a
+    Function's backward makes). The recomputed forward meets the same `device="cuda"` literals (the default
+    causal mask), so Megatron's CheckpointFunction.backward runs under the redirect."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    original = tp_random.CheckpointFunction.backward
+
+    def backward(ctx, *args):
+        with _CudaToCpuMode():
+            return original(ctx, *args)
+
+    tp_random.CheckpointFunction.backward = staticmethod(backward)
 
 
 def _enter_device_redirect_on_this_thread() -> None:

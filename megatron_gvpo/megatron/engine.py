@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_gvpo.algo import gvpo_metrics
 from megatron_gvpo.config import Config
+from megatron_gvpo.megatron.fp8 import check_fp8_support, fp8_pad_multiple, fp8_transformer_kwargs
 from megatron_gvpo.megatron.model import (
     build_gpt_model,
     check_attention_support,
@@ -47,10 +48,15 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
     use_te = use_transformer_engine(cfg.model.transformer_impl)
     p = cfg.parallel
     check_attention_support(use_te=use_te, cp=p.cp, packing=cfg.train.packing)
+    check_fp8_support(cfg.model, use_te=use_te,
+                      capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     config = transformer_config(
         arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, params_dtype=DTYPES[cfg.model.dtype], use_te=use_te,
         # Packed micro-batches differ in length: pipeline stages exchange shapes before each message.
         variable_seq_lengths=cfg.train.packing == "thd" and p.pp > 1,
+        **fp8_transformer_kwargs(cfg.model),
+        **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+           if cfg.train.recompute == "full" else {}),
     )
     padded = padded_vocab_size(arch.vocab_size, p.tp)
     chunks = [
@@ -119,7 +125,8 @@ class MegatronEngine:
         )
         self.logprobs = LogprobSpec(
             tp_group=ctx.tp_group, vocab_size=arch.vocab_size, cp_group=ctx.cp_group if ctx.cp_size > 1 else None,
-            packing=t.packing, chunk_size=t.logprob_chunk_size, fused=t.fused_logprobs,
+            packing=t.packing, pad_multiple=fp8_pad_multiple(cfg.model), chunk_size=t.logprob_chunk_size,
+            fused=t.fused_logprobs,
             # DDP above runs with overlap_grad_reduce=False, which this needs.
             main_grad_accumulation=t.fused_logprobs,
         )

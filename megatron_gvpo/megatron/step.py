@@ -61,6 +61,8 @@ class LogprobSpec:
     """Context-parallel group: each rank holds part of every sequence (`seq_layout`); None without CP."""
     packing: str = "padded"
     """Sequence layout of the model input: 'padded' rows or 'thd' packed (`seq_layout`)."""
+    pad_multiple: int = 1
+    """Sequences (THD) or rows (padded) are padded to a multiple of this many tokens (FP8 GEMMs: 16 or 32)."""
     chunk_size: int | None = None
     fused: bool = False
     """The model returns hidden states (`model.return_hidden_states`); log-probs come from
@@ -164,7 +166,8 @@ def gvpo_head(mb: dict, weight, logits: torch.Tensor, *, spec: GVPOLossSpec):
 
 
 def prepare_microbatches(
-    batch: dict[str, torch.Tensor], ctx: ParallelContext, micro_batch_size: int, packing: str = "padded"
+    batch: dict[str, torch.Tensor], ctx: ParallelContext, micro_batch_size: int, packing: str = "padded",
+    pad_multiple: int = 1,
 ) -> list[dict]:
     """This DP rank's micro-batches with each row's index in the global batch, laid out for the model
     (`seq_layout`: padded or packed rows, this rank's part of each sequence under CP)."""
@@ -174,7 +177,8 @@ def prepare_microbatches(
         "row_index": torch.arange(n),
         "position_ids": torch.arange(s).unsqueeze(0).expand(n, s),
     }
-    layout = SequenceLayout(packing=packing, cp_size=ctx.cp_size, cp_rank=ctx.cp_rank)
+    layout = SequenceLayout(packing=packing, cp_size=ctx.cp_size, cp_rank=ctx.cp_rank,
+                            pad_multiple=pad_multiple)
     micro = split_microbatches(full, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, micro_batch_size=micro_batch_size)
     return [layout_microbatch(mb, layout) for mb in micro]
 
@@ -219,7 +223,7 @@ def compute_sequence_logprobs(
     chunks: list, batch: dict, ctx: ParallelContext, micro_batch_size: int, logprobs: LogprobSpec
 ) -> torch.Tensor | None:
     """[N] sequence log-probs of the whole batch under the current weights (forward only); last stage only."""
-    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing)
+    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
     return _microbatch_logprobs(chunks, micro, batch["tokens"].shape[0], ctx, logprobs)
 
 
@@ -248,7 +252,7 @@ def forward_backward_gvpo(
     schedule when configured) or the optimizer does that."""
     n = batch["tokens"].shape[0]
     num_groups = num_valid_groups(batch["group_ids"])
-    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing)
+    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
     prepass_loss = None
     if strategy == "prepass":
         seq_logp = _microbatch_logprobs(chunks, micro, n, ctx, logprobs)  # the same split as the training pass

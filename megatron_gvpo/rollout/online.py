@@ -10,7 +10,8 @@
 Global rank 0 talks to SGLang and scores the rewards; every rank gets the same batch (broadcast) and takes
 part in the weight sync (a collective). The servers start from the trainer's own weights, written as an HF
 directory under <run.dir>/rollout_init (whatever `model.init`/`model.load`/a resumed checkpoint made them),
-with weight version `step-<N>` of the step the run starts at; every later sync sets `step-<step>`, and every
+with weight version `step-<N>` of the step the run starts at (servers it attaches to, `rollout.urls`, get those
+weights by a sync before the first request); every later sync sets `step-<step>`, and every
 rollout checks that all its samples carry the version of the last sync (`require_weight_version`).
 
 Which samples train: a group whose sample was aborted (a server dropped it) or whose reward failed under
@@ -176,6 +177,8 @@ class OnlineSource:
         self.version = version(start_step)
         self.urls = _on_rank0(self._start_servers, hf_dir)
         self._connect()
+        if self.r.urls:  # attached servers hold whatever they were started with (the launcher: random weights)
+            self._resilient(lambda: self._sync(self.version))
 
     def _start_servers(self, hf_dir: Path) -> list[str]:
         from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig

@@ -6,11 +6,11 @@ import signal
 import sys
 
 
-def die_with_parent() -> None:
-    """Runs in a child (before exec, or as a spawned process's initializer): SIGTERM it when the thread that
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Runs in a child (before exec, or as a spawned process's initializer): send it `sig` when the thread that
     started it dies (Linux), so a trainer killed without clean-up (SIGKILL, OOM) leaves no orphan holding
     memory, ports or the trainer's stdout."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG

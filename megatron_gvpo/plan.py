@@ -1,0 +1,375 @@
+"""Plan a GVPO run before it starts, on a CPU: the rank layout of every role, memory per GPU, a step-time and
+MFU estimate from a FLOP and bandwidth model, and the weight-sync estimate. Invalid layouts fail with the reason.
+
+    python -m megatron_gvpo.plan --config configs/gvpo_70b.yaml --nodes 8 --gpus-per-node 8
+
+The launch scripts run it first (launch/); `plan()` returns the same numbers as a `Plan` for tests and tools.
+
+The model is deliberately simple and states its assumptions (`Hardware`, `EFFICIENCY`):
+- Memory per trainer GPU, for the pipeline stage that holds the most: weights in `model.dtype` (FP8 weights
+  with `model.fp8_param_gather`), fp32 gradient buffers (the engine reduces gradients in fp32), Adam's fp32
+  moments and master weights (sharded over DP with the distributed optimizer), a reference copy for
+  `algo.reference` frozen/refresh, and activations: the tensors a Megatron layer keeps for backward, per token
+  (`activation_elements_per_token`), times the micro-batches in flight on the first stage (1F1B keeps up to PP,
+  interleaving a little more). A fixed reserve (`Hardware.reserve_gb`) covers the CUDA context, NCCL buffers
+  and fragmentation.
+- Memory per rollout GPU: the server's weight shard, and what is left for SGLang's KV cache at
+  `SERVER_MEM_FRACTION`, as tokens.
+- Time per rollout step (the loop is synchronous): generation (decode is bound by reading the weight shard and
+  the KV cache from HBM, prefill by FLOPs), the old/reference log-prob pass and the training pass (FLOPs at
+  `EFFICIENCY["gemm"]` of peak, plus the pipeline bubble, TP all-reduces over NVLink and the DP gradient
+  reduction), and the weight sync (`weight_sync_seconds`). MFU is the training pass's model FLOPs over its
+  time at the GPUs' dense bf16 peak.
+Response lengths are taken at rollout.max_new_tokens (an upper bound) and every row is model.seq_length long
+(the padded layout's cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+from megatron_gvpo.config import Config, add_config_arguments, load_config
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Published datasheet figures (dense, without sparsity), per GPU."""
+
+    memory_gb: float
+    bf16_tflops: float
+    fp8_tflops: float
+    hbm_gbps: float
+    nvlink_gbps: float
+    """Per direction."""
+    nic_gbps: float
+    """Inter-node network per GPU (one 400 Gb/s NIC per GPU = 50 GB/s)."""
+    reserve_gb: float = 5.0
+    """Per trainer GPU beyond the tensors: CUDA context, NCCL buffers, allocator fragmentation."""
+
+
+HARDWARE = {
+    # NVIDIA H100 SXM datasheet: 80 GB HBM3 at 3.35 TB/s, 989 TFLOP/s bf16 and 1979 fp8 dense, NVLink 4 900 GB/s
+    # both directions; DGX H100: a ConnectX-7 400 Gb/s NIC per GPU.
+    "H100-SXM-80GB": Hardware(80, 989, 1979, 3350, 450, 50),
+    # H200 SXM: the H100's compute with 141 GB HBM3e at 4.8 TB/s.
+    "H200-SXM-141GB": Hardware(141, 989, 1979, 4800, 450, 50),
+    # A100 SXM 80 GB: 312 TFLOP/s bf16, no FP8, HBM2e 2.04 TB/s, NVLink 3 600 GB/s both directions, 200 Gb/s NIC.
+    "A100-SXM-80GB": Hardware(80, 312, 0, 2039, 300, 25),
+    # HGX B200: 180 GB HBM3e at 7.7 TB/s, 2250 TFLOP/s bf16 and 4500 fp8 dense, NVLink 5 1.8 TB/s both directions.
+    "B200-180GB": Hardware(180, 2250, 4500, 7700, 900, 50),
+    # The development VM (2 cores, 24 GB): for the memory check of the CPU configs; its rates are rough (fp32
+    # GEMMs at ~0.1 TFLOP/s, memory ~20 GB/s, gloo over loopback), so its times are indicative only.
+    "cpu": Hardware(24, 0.1, 0, 20, 10, 10, reserve_gb=0.0),
+}
+
+EFFICIENCY = {
+    "gemm": 0.6,
+    # Fraction of peak FLOP/s large training GEMMs reach end to end in a layer (Megatron-Core reports up to ~47%
+    # MFU for a 175B model including communication and bubbles).
+    "fp8_gemm": 0.4,
+    # Of FP8 peak: NVIDIA's published Llama-3 70B FP8 runs are ~1.3-1.4x faster than bf16, not the 2x of peak.
+    "hbm": 0.7,  # of HBM bandwidth a decode step reaches reading weights and KV cache
+    "link": 0.8,  # of NVLink / NIC bandwidth NCCL collectives reach (nccl-tests bus bandwidth)
+}
+SERVER_MEM_FRACTION = 0.85
+"""SGLang's --mem-fraction-static: weights + KV cache; the rest is for activations and CUDA graphs."""
+BUCKET_COST_S = 6.5e-3
+"""Fixed cost of one weight-sync bucket, measured (benchmarks/results/weight_sync.md)."""
+BUCKET_BYTES = 256 << 20
+GB = 1e9
+
+
+class PlanError(ValueError):
+    """The configuration cannot run on the given cluster; the message says why."""
+
+
+@dataclass
+class Plan:
+    lines: list[str] = field(default_factory=list)
+    trainer_memory_gb: dict[str, float] = field(default_factory=dict)
+    server_memory_gb: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    mfu: float = 0.0
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model arithmetic
+
+
+def layer_params(arch) -> int:
+    h, kv = arch.hidden_size, arch.num_query_groups * arch.head_dim
+    attention = h * (arch.num_attention_heads * arch.head_dim + 2 * kv) + arch.num_attention_heads * arch.head_dim * h
+    if arch.qkv_bias:
+        attention += arch.num_attention_heads * arch.head_dim + 2 * kv
+    return attention + 3 * h * arch.ffn_hidden_size + 2 * h  # SwiGLU MLP, two RMSNorm weights
+
+
+def model_params(arch) -> int:
+    embedding = arch.vocab_size * arch.hidden_size
+    return arch.num_layers * layer_params(arch) + embedding * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
+
+
+def activation_elements_per_token(arch, tp: int, flash: bool, seq_length: int) -> float:
+    """Elements one Megatron transformer layer keeps for backward per token (no sequence parallelism, no
+    recomputation): the two norms' inputs and the QKV and fc1 inputs (replicated over TP); per TP shard the
+    rotated q, k, v, the attention output, the projection input, fc1's gate|up output and SwiGLU's output.
+    Megatron's local spec (no Transformer Engine, the CPU path) keeps more: its unfused RMSNorm also keeps the
+    normalised input, its attention repeats K and V to every query head and keeps the attention scores and
+    probabilities (heads / tp x seq_length per token)."""
+    h, kv, f = arch.hidden_size, arch.num_query_groups * arch.head_dim, arch.ffn_hidden_size
+    q = arch.num_attention_heads * arch.head_dim
+    sharded = (q + 2 * kv) + q + q + 2 * f + f
+    if flash:
+        return 4 * h + sharded / tp
+    local = 2 * (q - kv) + 2 * arch.num_attention_heads * seq_length
+    return 6 * h + (sharded + local) / tp
+
+
+def weight_sync_seconds(weight_bytes: float, hw: Hardware, *, trainer_tp: int, across_nodes: bool) -> dict:
+    """One DistributedWeightSync of `weight_bytes`: the TP gather on each stage's sender over NVLink, the
+    broadcast to the servers (over one NIC when they are on other nodes; stages take turns), and the measured
+    fixed cost per bucket."""
+    link = EFFICIENCY["link"]
+    gather = weight_bytes * (trainer_tp - 1) / trainer_tp / (hw.nvlink_gbps * link * GB)
+    broadcast = weight_bytes / ((hw.nic_gbps if across_nodes else hw.nvlink_gbps) * link * GB)
+    fixed = math.ceil(weight_bytes / BUCKET_BYTES) * BUCKET_COST_S
+    return {"gather": gather, "broadcast": broadcast, "buckets": fixed, "total": gather + broadcast + fixed}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None) -> Plan:
+    """The plan for `cfg` on `nodes` x `gpus_per_node` GPUs (default: cfg.cluster); raises PlanError."""
+    from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
+    from megatron_gvpo.models.hf_io import load_hf_config
+
+    c, p, t, r = cfg.cluster, cfg.parallel, cfg.train, cfg.rollout
+    nodes = nodes or c.nodes
+    gpn = gpus_per_node or c.gpus_per_node
+    if c.gpu not in HARDWARE:
+        raise PlanError(f"cluster.gpu={c.gpu!r} is not in the planner's table: {sorted(HARDWARE)}")
+    hw = HARDWARE[c.gpu]
+    if c.rollout_nodes >= nodes:
+        raise PlanError(f"cluster.rollout_nodes={c.rollout_nodes} leaves none of the {nodes} nodes to the trainer")
+    arch = arch_from_hf(load_hf_config(cfg.model.path))
+    trainer_gpus = (nodes - c.rollout_nodes) * gpn
+    model_parallel = p.tp * p.pp * p.cp
+    if p.tp * p.cp > gpn:
+        raise PlanError(f"parallel.tp * parallel.cp = {p.tp * p.cp} exceeds the {gpn} GPUs of a node: tensor and "
+                        "context parallelism need NVLink; use pipeline parallelism across nodes")
+    if trainer_gpus % model_parallel:
+        raise PlanError(f"{trainer_gpus} trainer GPUs ({nodes - c.rollout_nodes} nodes x {gpn}) are not a multiple "
+                        f"of parallel.tp * parallel.pp * parallel.cp = {model_parallel}")
+    dp = trainer_gpus // model_parallel
+    try:
+        from megatron_gvpo.megatron.model import transformer_config
+
+        transformer_config(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp)  # Megatron's own divisibility rules
+        cfg.check_world_size(trainer_gpus)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    if r.server_tp > gpn or gpn % r.server_tp:
+        raise PlanError(f"rollout.server_tp={r.server_tp} must divide cluster.gpus_per_node={gpn}")
+    if arch.num_attention_heads % r.server_tp:
+        raise PlanError(f"rollout.server_tp={r.server_tp} must divide num_attention_heads={arch.num_attention_heads}")
+
+    out = Plan()
+    w = out.lines.append
+    colocated = c.rollout_nodes == 0
+    online = r.source != "offline"
+    server_gpus = (c.rollout_nodes if not colocated else nodes) * gpn
+    servers = server_gpus // r.server_tp
+    w(f"# Plan: {cfg.model.path} on {nodes} nodes x {gpn} {c.gpu}")
+    w("")
+    w("## Ranks")
+    trainer_nodes = nodes - c.rollout_nodes
+    span = "node 0" if trainer_nodes == 1 else f"nodes 0-{trainer_nodes - 1}"
+    vpp = f" (VPP {p.vpp})" if p.vpp else ""
+    w(f"trainer: {span}, {trainer_gpus} ranks = TP {p.tp} x CP {p.cp} x DP {dp} x PP {p.pp}{vpp}; rank = node * "
+      f"{gpn} + local GPU; Megatron's order tp-cp-dp-pp: TP and CP groups are consecutive ranks inside a node, "
+      f"pipeline stages {trainer_gpus // p.pp} ranks apart")
+    for stage in range(p.pp):
+        first = stage * trainer_gpus // p.pp
+        last = first + trainer_gpus // p.pp - 1
+        span = f"node {first // gpn}" if first // gpn == last // gpn else f"nodes {first // gpn}-{last // gpn}"
+        w(f"  stage {stage}: ranks {first}-{last} ({span}), layers "
+          f"{stage * arch.num_layers // p.pp}-{(stage + 1) * arch.num_layers // p.pp - 1}")
+    where = "on the trainer's GPUs (colocated)" if colocated else f"on nodes {nodes - c.rollout_nodes}-{nodes - 1}"
+    if online:
+        w(f"rollout: {servers} SGLang servers x TP {r.server_tp} {where}, {gpn // r.server_tp} per node; a "
+          "router on the first rollout node")
+
+    # ---- memory per trainer GPU (the first stage holds the embedding and the most micro-batches in flight)
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
+    layers_per_stage = arch.num_layers // p.pp
+    padded_vocab = padded_vocab_size(arch.vocab_size, p.tp)
+    embedding = padded_vocab * arch.hidden_size
+    layers = layers_per_stage * layer_params(arch)
+    output_layer = 0 if arch.tie_word_embeddings else embedding
+    stage_params = layers + embedding + output_layer if p.pp == 1 else max(layers + embedding, layers + output_layer)
+    gpu_params = stage_params / p.tp
+    weight_bytes = 1 if cfg.model.fp8_param_gather else dtype_bytes
+    optimizer_bytes = 8 + (4 if dtype_bytes != 4 else 0)  # Adam moments, fp32 master weights
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    in_flight = min(p.pp, micro_batches) if p.pp > 1 else 1
+    if p.vpp:
+        in_flight = min(micro_batches * p.vpp, p.pp + (p.pp - 1) / p.vpp)
+    impl = cfg.model.transformer_impl  # 'auto' is Transformer Engine (flash attention) on GPUs, local on CPU
+    flash = impl == "transformer_engine" or (impl == "auto" and c.gpu != "cpu")
+    tokens_mb = t.micro_batch_size * cfg.model.seq_length / p.cp
+    full_layer = activation_elements_per_token(arch, p.tp, flash, cfg.model.seq_length // p.cp) * tokens_mb
+    act_bytes = 2 if dtype_bytes == 2 else 4
+    # Backward holds one more layer's worth: the gradients of the layer it is differentiating (with full
+    # recomputation, that layer's rebuilt activations too).
+    if t.recompute == "full":  # each layer keeps its input
+        activations = (arch.hidden_size * tokens_mb * layers_per_stage * in_flight + 2 * full_layer) * act_bytes
+    else:
+        activations = full_layer * (layers_per_stage * in_flight + 1) * act_bytes
+    mem = {
+        "weights": gpu_params * weight_bytes,
+        "gradients (fp32)": gpu_params * 4,
+        "optimizer (Adam, fp32)": gpu_params * optimizer_bytes / (dp if t.distributed_optimizer else 1),
+        "reference copy": gpu_params * dtype_bytes if cfg.algo.reference != "old_policy" else 0.0,
+        "activations": activations,
+        "reserve": hw.reserve_gb * GB,
+    }
+    out.trainer_memory_gb = {k: v / GB for k, v in mem.items()}
+    total = sum(mem.values())
+    out.trainer_memory_gb["total"] = total / GB
+    w("")
+    w(f"## Memory per trainer GPU (pipeline stage 0, {gpu_params / 1e6:,.1f} M parameters per GPU)")
+    for k, v in out.trainer_memory_gb.items():
+        w(f"  {k:<24} {_size(v)}")
+    if colocated and online:
+        w("  (colocated: the servers release their memory while the trainer steps, SGLang's memory saver)")
+    if total > hw.memory_gb * GB:
+        raise PlanError(f"the trainer does not fit: {total / GB:.1f} GB per GPU on pipeline stage 0 > "
+                        f"{hw.memory_gb:.0f} GB of a {c.gpu} (activations {mem['activations'] / GB:.1f} GB for "
+                        f"{in_flight:g} micro-batches of {t.micro_batch_size} x {cfg.model.seq_length} tokens); "
+                        "raise parallel.tp/pp, set train.recompute=full or train.distributed_optimizer=true, or "
+                        "lower train.micro_batch_size or model.seq_length")
+
+    total_params = model_params(arch)
+    k = cfg.algo.group_size
+    samples = cfg.groups_per_rollout * k
+    rollout_s, decode_step, per_server, waves = 0.0, 0.0, 0.0, 0
+    if online:
+        rollout_s, decode_step, per_server, waves = _rollout(cfg, arch, hw, servers, samples, w, out)
+    else:
+        w("")
+        w("## Rollout: none (rollout.source offline: groups come from data.path)")
+
+    tokens = samples * cfg.model.seq_length
+    attention = 2 * arch.num_layers * cfg.model.seq_length * arch.num_attention_heads * arch.head_dim  # causal
+    fwd_per_token = 2 * (total_params - embedding) + attention + 2 * embedding  # output head; lookup is free
+    compute_peak = (hw.fp8_tflops * EFFICIENCY["fp8_gemm"] if cfg.model.fp8 else hw.bf16_tflops * EFFICIENCY["gemm"]
+                    ) * 1e12
+    fwd = fwd_per_token * tokens / trainer_gpus / compute_peak
+    bubble = (p.pp - 1) / (micro_batches * (p.vpp or 1))
+    # Without sequence parallelism a layer all-reduces its output twice forward and twice backward.
+    allreduce = 2 * (p.tp - 1) / p.tp * tokens_mb * arch.hidden_size * act_bytes / (hw.nvlink_gbps * GB
+                                                                                    * EFFICIENCY["link"])
+    tp_comm = (0 if p.tp == 1 else 4 * layers_per_stage * allreduce * micro_batches)
+    dp_link = hw.nvlink_gbps if p.tp * p.cp * dp <= gpn else hw.nic_gbps
+    dp_comm = 0 if dp == 1 else 2 * (dp - 1) / dp * gpu_params * 4 / (dp_link * GB * EFFICIENCY["link"])
+    logprob_passes = 1 + (cfg.algo.reference != "old_policy")
+    logprob_s = logprob_passes * (fwd + tp_comm / 2) * (1 + bubble)
+    passes = 4 if t.recompute == "full" else 3  # forward, backward (2x), and the recomputed forward
+    passes += cfg.algo.group_strategy == "prepass"  # a forward-only pass for the group means
+    train_s = (passes * fwd + tp_comm * passes / 3) * (1 + bubble) + dp_comm * t.optimizer_steps_per_rollout
+    sync = weight_sync_seconds(total_params * 2, hw, trainer_tp=p.tp, across_nodes=not colocated)
+    if not online:
+        sync = dict.fromkeys(sync, 0.0)
+    out.seconds = {"rollout": rollout_s, "log-probs": logprob_s, "train": train_s, "weight sync": sync["total"]}
+    step = sum(out.seconds.values())
+    out.seconds["step"] = step
+    out.mfu = 3 * fwd_per_token * tokens / (train_s * trainer_gpus * hw.bf16_tflops * 1e12)
+    w("")
+    w(f"## Time per rollout step ({cfg.groups_per_rollout} prompts x {k} samples, rows of {cfg.model.seq_length} "
+      f"tokens, responses at most {r.max_new_tokens})")
+    for name, s in out.seconds.items():
+        w(f"  {name:<24} {s:8.1f} s" + (f"  ({s / step:.0%})" if name != "step" else ""))
+    if online:
+        w(f"  rollout: {per_server:.0f} sequences per server in {waves} wave(s), a decode step "
+          f"{decode_step * 1e3:.1f} ms")
+    w(f"  train: MFU {out.mfu:.1%} of {c.gpu} dense bf16 peak (pipeline bubble {bubble:.0%}, TP traffic "
+      f"{tp_comm:.1f} s, DP gradient traffic {dp_comm:.1f} s per optimizer step)")
+    if not online:
+        return out
+    w(f"  the trainer waits for rollout {rollout_s / step:.0%} of the step"
+      + ("" if colocated else f"; the rollout nodes idle {1 - rollout_s / step:.0%}"))
+    w("")
+    w(f"## Weight sync: {total_params * 2 / GB:.0f} GB of bf16 weights, {sync['total']:.1f} s")
+    w(f"  TP gather {sync['gather']:.2f} s + broadcast {sync['broadcast']:.2f} s "
+      f"({'NIC' if not colocated else 'NVLink'}) + {math.ceil(total_params * 2 / BUCKET_BYTES)} buckets x "
+      f"{BUCKET_COST_S * 1e3:.1f} ms {sync['buckets']:.2f} s")
+    return out
+
+
+def _rollout(cfg, arch, hw: Hardware, servers: int, samples: int, w, out: Plan):
+    """Memory per rollout GPU (written to `out`) and the generation time of one rollout step: (seconds, one
+    decode step's seconds, sequences per server, waves)."""
+    r, c = cfg.rollout, cfg.cluster
+    total_params = model_params(arch)
+    server_weights = total_params * 2 / r.server_tp  # SGLang serves bf16
+    kv_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * 2 / r.server_tp
+    budget = hw.memory_gb * GB * SERVER_MEM_FRACTION
+    kv_bytes = budget - server_weights
+    if kv_bytes <= 0:
+        raise PlanError(f"an SGLang server with TP {r.server_tp} does not fit: {server_weights / GB:.1f} GB of "
+                        f"weights per GPU > {budget / GB:.1f} GB ({SERVER_MEM_FRACTION:.0%} of {c.gpu}); raise "
+                        "rollout.server_tp")
+    kv_tokens = kv_bytes / kv_per_token
+    out.server_memory_gb = {"weights": server_weights / GB, "kv cache": kv_bytes / GB}
+    w("")
+    w(f"## Memory per rollout GPU (SGLang, --mem-fraction-static {SERVER_MEM_FRACTION})")
+    w(f"  weights                  {_size(server_weights / GB)}")
+    w(f"  kv cache                 {_size(kv_bytes / GB)} = {kv_tokens / 1e3:,.0f}k tokens per server")
+
+    prompt_len = max(cfg.model.seq_length - r.max_new_tokens, 1)
+    per_server = samples / servers
+    context = prompt_len + r.max_new_tokens / 2  # mean KV length over the decode
+    waves = max(1, math.ceil(per_server * (prompt_len + r.max_new_tokens) / kv_tokens))
+    batch = per_server / waves
+    peak = hw.bf16_tflops * 1e12 * EFFICIENCY["gemm"]
+    decode_step = max((server_weights + batch * context * kv_per_token) / (hw.hbm_gbps * GB * EFFICIENCY["hbm"]),
+                      2 * total_params * batch / r.server_tp / peak)
+    prefill = 2 * total_params * per_server * prompt_len / r.server_tp / peak
+    rollout_s = waves * r.max_new_tokens * decode_step + prefill
+
+    return rollout_s, decode_step, per_server, waves
+
+
+def _size(gb: float) -> str:
+    return f"{gb:8.1f} GB" if gb >= 1 or gb == 0 else f"{gb * 1e3:8.2f} MB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (default: cluster.nodes)")
+    parser.add_argument("--gpus-per-node", type=int, default=None,
+                        help="GPUs per node (default: cluster.gpus_per_node)")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # Megatron's import-time notices about fused kernels absent on this machine
+    try:
+        cfg = load_config(Config, args.config, args.overrides)
+        result = plan(cfg, args.nodes, args.gpus_per_node)
+    except ValueError as e:
+        print(f"plan: invalid: {e}", file=sys.stderr)
+        return 2
+    print(result.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
