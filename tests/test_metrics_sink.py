@@ -1,8 +1,9 @@
 """Contract of `MetricsSink` (megatron_gvpo/utils/logging.py): one JSON line per record, non-finite values kept
 visible; a run resumed from the checkpoint of step N keeps the lines up to N and drops later ones (logged by a
 run killed before its next checkpoint) and a torn last line; TensorBoard / wandb asked for but not installed
-give a warning naming the install step and the jsonl still records everything; a disabled sink (ranks > 0)
-writes nothing."""
+give a warning naming the install step and the jsonl still records everything; with TensorBoard installed
+(requirements/test.txt) the numeric values reach its event files, read back with TensorBoard's own reader; a
+disabled sink (ranks > 0) writes nothing."""
 
 import importlib.util
 import json
@@ -59,3 +60,17 @@ def test_disabled_sink_writes_nothing(tmp_path):
     sink.log(1, {"loss": 0.5})
     sink.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_receives_the_numeric_values(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = MetricsSink(tmp_path, tensorboard=True)
+    sink.log(1, {"loss": 0.5, "eval_weight_version": "step-1"})
+    sink.log(2, {"loss": 0.25, "reward_mean": 0.75})
+    sink.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "reward_mean"]  # strings stay in the jsonl only
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
