@@ -6,7 +6,10 @@
   time so a killed run keeps everything logged so far); TensorBoard and wandb when installed and asked for.
   Only rank 0 writes; other ranks get a sink that does nothing. A run resumed from the checkpoint of step N
   keeps the records up to step N and drops later ones (logged by a run killed before its next checkpoint,
-  and about to be logged again), so the file reads like one uninterrupted run.
+  and about to be logged again), so the file reads like one uninterrupted run. TensorBoard hides the dropped
+  steps (its `purge_step`). wandb continues the same run (its id is kept in `wandb_run_id`); since W&B keeps a
+  step's first value and rejects steps that go back, the resumed run sends it only steps after those it has,
+  and for the steps in between metrics.jsonl is the record of the resumed run.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,19 @@ def _step(line: str) -> float:
         return math.inf
 
 
+def _wandb_run_id(run_dir: Path, resuming: bool) -> tuple[str, bool]:
+    """The W&B run of this run directory and whether it exists already: kept across resumes, new for a run
+    started from step 0 (or resumed by a run that did not log to wandb)."""
+    path = run_dir / "wandb_run_id"
+    if resuming and path.is_file():
+        return path.read_text().strip(), True
+    run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id)
+    os.replace(tmp, path)
+    return run_id, False
+
+
 class MetricsSink:
     """Append-only metrics: jsonl always, TensorBoard / wandb optionally (rank 0 only)."""
 
@@ -71,8 +88,11 @@ class MetricsSink:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "metrics.jsonl"
+        self._wandb_after = 0  # wandb has every step up to this one already
         if resume_step > 0 and path.is_file():
-            kept = [line for line in path.read_text().splitlines(keepends=True) if _step(line) <= resume_step]
+            lines = path.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if _step(line) <= resume_step]
+            self._wandb_after = max((s for s in map(_step, lines) if math.isfinite(s)), default=0)
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
@@ -83,14 +103,19 @@ class MetricsSink:
             except ImportError:
                 warn_once("tensorboard requested but not installed (pip install tensorboard); logging to jsonl only")
             else:
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                         purge_step=resume_step + 1 if resume_step > 0 else None)
         if wandb_project:
             try:
                 import wandb
             except ImportError:
                 warn_once("wandb requested but not installed (pip install wandb); logging to jsonl only")
             else:
-                self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir))
+                run_id, continued = _wandb_run_id(run_dir, resume_step > 0)
+                if not continued:
+                    self._wandb_after = 0
+                self._wandb = wandb.init(project=wandb_project, config=config, dir=str(run_dir), name=run_dir.name,
+                                         id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -102,7 +127,7 @@ class MetricsSink:
         if self._tb is not None:
             for k, v in numeric.items():
                 self._tb.add_scalar(k, v, step)
-        if self._wandb is not None:
+        if self._wandb is not None and step > self._wandb_after:
             self._wandb.log(numeric, step=step)
 
     def close(self) -> None:
