@@ -228,10 +228,16 @@ class ParallelConfig:
 
 GroupStrategy = Literal["group_atomic", "allgather", "prepass"]
 ReferenceMode = Literal["old_policy", "frozen", "refresh"]
+Algorithm = Literal["gvpo", "grpo", "dr_grpo"]
 
 
 @dataclass
 class AlgoConfig:
+    name: Algorithm = "gvpo"
+    """The objective. 'gvpo', or a baseline for comparisons (benchmarks/): 'grpo' (advantages scaled by the
+    group's std, PPO ratio clipping, each response's token mean, optional k3 KL penalty `kl_coef` to the
+    reference) or 'dr_grpo' (no std scaling, no KL, token sums divided by rollout.max_new_tokens). beta and
+    group_strategy are GVPO's; the baselines take any micro-batch split."""
     beta: float = 0.1
     """KL strength: the optimum is pi_ref * exp(R / beta) / Z. The authors use 0.1 for 7B math."""
     group_size: int = 4
@@ -247,6 +253,10 @@ class AlgoConfig:
     'prepass' (forward-only pass computes weights, then any packing)."""
     loss_scale: float = 1.0
     """Constant loss factor; micro_batch_size / (2 * group_size) reproduces the authors' verl code."""
+    clip_eps: float = 0.2
+    """GRPO / Dr. GRPO: PPO clip range of the ratio pi_theta / pi_old."""
+    kl_coef: float = 0.0
+    """GRPO: weight of the k3 KL penalty to the reference (needs reference 'frozen' or 'refresh'); 0: none."""
 
     def validate(self) -> None:
         if not self.beta > 0:
@@ -260,6 +270,15 @@ class AlgoConfig:
             )
         if not self.loss_scale > 0:
             raise ValueError(f"algo.loss_scale must be > 0, got {self.loss_scale}")
+        if not self.clip_eps > 0:
+            raise ValueError(f"algo.clip_eps must be > 0, got {self.clip_eps}")
+        if self.kl_coef < 0:
+            raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_coef and self.name != "grpo":
+            raise ValueError(f"algo.kl_coef is GRPO's KL penalty; algo.name={self.name!r} has none (set it to 0)")
+        if self.kl_coef and self.reference == "old_policy":
+            raise ValueError("algo.kl_coef > 0 penalises KL to a reference model: set algo.reference to 'frozen' "
+                             "or 'refresh' (with 'old_policy' the reference is the sampling policy itself)")
 
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -431,7 +450,7 @@ class Config:
         k, gbs, mbs = self.algo.group_size, self.train.global_batch_size, self.train.micro_batch_size
         if gbs % k:
             raise ValueError(f"train.global_batch_size={gbs} must be a multiple of algo.group_size={k}")
-        if self.algo.group_strategy == "group_atomic" and mbs % k:
+        if self.algo.name == "gvpo" and self.algo.group_strategy == "group_atomic" and mbs % k:
             raise ValueError(
                 f"algo.group_strategy='group_atomic' packs whole groups: train.micro_batch_size={mbs} must be "
                 f"a multiple of algo.group_size={k} (or use group_strategy 'allgather' or 'prepass')"

@@ -140,7 +140,7 @@ class KLToStart:
     def capture(self, batch: dict, step: int) -> None:
         """At step 1 the reference log-probs (old policy, frozen or refreshed copy alike) are pi_start's."""
         if self.enabled and step == 1 and self.batch is None:
-            self.batch = {k: v.clone() for k, v in batch.items() if k != "ref_seq_logp"}
+            self.batch = {k: batch[k].clone() for k in ("tokens", "targets", "loss_mask", "rewards", "group_ids")}
             self.start_logp = batch["ref_seq_logp"].clone()
 
     def measure(self, engine) -> dict:
@@ -198,7 +198,7 @@ def train(cfg: Config) -> list[dict]:
             t0 = time.perf_counter()
             batch, record = source.next_batch()
             t1 = time.perf_counter()
-            batch["ref_seq_logp"] = engine.sequence_logprobs(batch, reference=cfg.algo.reference != "old_policy")
+            batch.update(engine.reference_logprobs(batch))
             kl.capture(batch, step)
             t2 = time.perf_counter()
             results = [engine.train_step(mb) for mb in mini_batches(batch, cfg.train.optimizer_steps_per_rollout)]

@@ -38,11 +38,16 @@ def test_defaults_without_file():
         ({}, ["algo.group_size=1"], r"algo\.group_size must be >= 2"),
         ({}, ["parallel.vpp=2"], r"parallel\.vpp=2 needs parallel\.pp >= 2"),
         ({}, ["algo.reference=refresh"], r"algo\.ref_refresh_interval must be > 0 exactly when"),
+        ({}, ["algo.name=ppo"], r"algo\.name must be one of \['gvpo', 'grpo', 'dr_grpo'\]"),
+        ({}, ["algo.name=grpo", "algo.clip_eps=0"], r"algo\.clip_eps must be > 0"),
+        ({}, ["algo.kl_coef=0.1"], r"algo\.kl_coef is GRPO's KL penalty; algo\.name='gvpo' has none"),
+        ({}, ["algo.name=grpo", "algo.kl_coef=0.1"], r"algo\.kl_coef > 0 penalises KL to a reference model"),
         ({}, ["train.global_batch_size=30"], r"train\.global_batch_size=30 must be a multiple of algo\.group_size=4"),
         ({}, ["train.micro_batch_size=6"], r"train\.micro_batch_size=6 must be a multiple of algo\.group_size=4"),
         ({}, ["parallel.tp=2", "parallel.pp=2", "parallel.world_size=6"],
          r"world size 6 is not a multiple of parallel\.tp \* parallel\.pp \* parallel\.cp = 2 \* 2 \* 1 = 4"),
-        ({}, ["parallel.world_size=8"], r"train\.global_batch_size=32 must be a multiple of train\.micro_batch_size \* DP = 8 \* 8"),
+        ({}, ["parallel.world_size=8"],
+         r"train\.global_batch_size=32 must be a multiple of train\.micro_batch_size \* DP = 8 \* 8"),
         ({}, ["train"], r"override 'train' must look like section\.field=value"),
         ({"train": {"steps": 3}}, ["train.steps.x=1"], r"'train\.steps' is not a section"),
         ({}, ["train.steps.x=1"], r"train\.steps must be an integer, got \{'x': 1\}"),
@@ -57,6 +62,9 @@ def test_group_strategy_relaxes_micro_batch_rule():
     cfg = config_from_dict(Config, {}, ["train.micro_batch_size=6", "train.global_batch_size=24",
                                         "algo.group_strategy=allgather"])
     assert cfg.check_world_size(2) == 2
+    # The policy-gradient baselines have per-row advantages: any micro-batch split is exact.
+    assert config_from_dict(Config, {}, ["train.micro_batch_size=6", "train.global_batch_size=24",
+                                         "algo.name=dr_grpo"]).check_world_size(2) == 2
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -201,7 +201,8 @@ def test_command_line(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"import -> {tmp_path / 'm'}: ") and "tensors" in run.stdout
     run = subprocess.run(tool + ["export", "--megatron", str(tmp_path / "m"), "--out", str(tmp_path / "e"),
-                                 "--max-shard-size", "100KB", "--no-progress"], capture_output=True, text=True, cwd=REPO)
+                                 "--max-shard-size", "100KB", "--no-progress"],
+                         capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert len(list((tmp_path / "e").glob("model-*-of-*.safetensors"))) > 1
     assert_same_tensors(hf_dir, tmp_path / "e")

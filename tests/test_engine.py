@@ -186,3 +186,44 @@ def reference_modes_run():
 def test_frozen_and_refreshed_reference(gloo):
     unchanged, moved, refreshed_diff = gloo.run(2, reference_modes_run)[0]
     assert unchanged and moved > 1e-3 and refreshed_diff == 0.0
+
+
+def baseline_run(overrides, rollouts=2):
+    """GRPO / Dr. GRPO through the engine as the trainer drives it: `reference_logprobs` before a rollout's
+    first update, then two optimizer steps on mini-batches of whole groups (the second one's PPO ratio
+    against the stored old log-probs is no longer 1)."""
+    from megatron_gvpo.train import mini_batches
+
+    engine, batch, teardown = _engine_for(overrides)
+    try:
+        history = []
+        for _ in range(rollouts):
+            batch.update(engine.reference_logprobs(batch))
+            # Token log-probs summed over a row are its sequence log-prob, computed the other way.
+            seq_logp = engine.sequence_logprobs(batch, reference=engine.reference is not None)
+            mismatch = float((batch["ref_seq_logp"] - seq_logp).abs().max())
+            for mb in mini_batches(batch, 2):
+                r = engine.train_step(mb)
+                history.append((r.loss, r.grad_norm, r.skipped, mismatch, sorted(batch)))
+        return history
+    finally:
+        teardown()
+
+
+@pytest.mark.parametrize("algorithm", [["algo.name=grpo", "algo.kl_coef=0.05", "algo.reference=frozen"],
+                                       ["algo.name=dr_grpo", "train.micro_batch_size=2"]],  # splits groups
+                         ids=["grpo", "dr_grpo"])
+def test_baselines_give_the_same_run_at_every_layout(gloo, algorithm):
+    reference = gloo.run(1, baseline_run, algorithm)[0]
+    # The policy moves every step. (Not seen in the loss: at ratio 1, a rollout's first mini-batch, the
+    # policy-gradient loss is a function of advantages and lengths only.)
+    assert len({round(h[1], 6) for h in reference}) == len(reference)
+    keys = reference[0][4]
+    assert "old_token_logp" in keys and ("ref_token_logp" in keys) == ("algo.kl_coef=0.05" in algorithm)
+    for world, layout in [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]), (2, ["train.distributed_optimizer=true"])]:
+        overrides = [*algorithm, *layout]
+        for rank_history in gloo.run(world, baseline_run, overrides):
+            for step, (got, want) in enumerate(zip(rank_history, reference, strict=True)):
+                assert not got[2] and got[3] < 1e-4
+                assert got[0] == pytest.approx(want[0], rel=1e-4, abs=1e-7), (step, overrides)
+                assert got[1] == pytest.approx(want[1], rel=1e-4), (step, overrides)

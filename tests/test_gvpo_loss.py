@@ -168,7 +168,8 @@ def test_metrics_decompose_the_loss_as_eq17():
         seq_logp, ref, rewards, gids = random_batch(11, sizes=[4, 6, 1, 3, 3], constant_groups=(3,))
         m = gvpo_metrics(seq_logp, ref, rewards, gids, beta)
         recomposed = (
-            beta**2 * m["var_logp"] - 2 * beta**2 * m["cov_logp_ref"] - 2 * beta * m["cov_reward_logp"] + m["loss_constant"]
+            beta**2 * m["var_logp"] - 2 * beta**2 * m["cov_logp_ref"] - 2 * beta * m["cov_reward_logp"]
+            + m["loss_constant"]
         )
         torch.testing.assert_close(recomposed, m["loss"], rtol=1e-10, atol=1e-12)
         assert m["num_groups"].item() == 4 and m["singleton_groups"].item() == 1

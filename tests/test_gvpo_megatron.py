@@ -56,13 +56,28 @@ def reference_grads(model_type, tied, batch):
 def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes, fused=False):
     """Every rank: build its chunks, load HF weights, wrap in Megatron DDP, run forward_backward_gvpo; return
     the loss (last stage) and this rank's full-vocab-trimmed gradient shards by global name."""
+    from megatron_gvpo.megatron.step import forward_backward_gvpo
+
+    def run(chunks, ctx, logprobs):
+        batch = make_batch(group_sizes)
+        check_group_layout(batch["group_ids"], ctx.dp_size, mbs, strategy)
+        return forward_backward_gvpo(chunks, batch, ctx, micro_batch_size=mbs, beta=BETA, strategy=strategy,
+                                     logprobs=logprobs)
+
+    return run_on_megatron(run, model_type, tied, tp, pp, vpp, fused)
+
+
+def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False):
+    """Every rank: build its chunks from `tiny_hf_model`'s weights, wrap them in Megatron DDP and call
+    `run(chunks, ctx, logprobs)` (a forward-backward pass returning {"loss", ...} or None); return the loss
+    (last stage), the TP rank and this rank's gradient shards by global name."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from megatron_gvpo.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, return_hidden_states, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_gvpo.megatron.step import LogprobSpec, forward_backward_gvpo
+    from megatron_gvpo.megatron.step import LogprobSpec
     from megatron_gvpo.megatron.weights import global_named_parameters, load_hf_weights
 
     apply_cpu_compat()
@@ -91,13 +106,10 @@ def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes
         config.finalize_model_grads_func = finalize_model_grads
         for c in chunks:
             c.zero_grad_buffer()
-        batch = make_batch(group_sizes)
-        check_group_layout(batch["group_ids"], ctx.dp_size, mbs, strategy)
         # The fused head as the engine runs it: the output weight's gradient straight into DDP's main_grad.
         logprobs = LogprobSpec(tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=5, fused=fused,
                                main_grad_accumulation=fused)
-        out = forward_backward_gvpo(chunks, batch, ctx, micro_batch_size=mbs, beta=BETA, strategy=strategy,
-                                    logprobs=logprobs)
+        out = run(chunks, ctx, logprobs)
         grads = {}
         for chunk in chunks:
             for name, p in global_named_parameters(chunk):
@@ -150,7 +162,8 @@ def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs,
         g = got[name][: want.shape[0]]
         scale = want.abs().max().clamp(min=1e-12)
         err = float((g - want).abs().max() / scale)
-        assert err < 1e-5, f"{name}: max |grad - ref| / max |ref| = {err:.2e} ({tp=} {pp=} {vpp=} {dp=} {mbs=} {strategy})"
+        assert err < 1e-5, (f"{name}: max |grad - ref| / max |ref| = {err:.2e} "
+                            f"({tp=} {pp=} {vpp=} {dp=} {mbs=} {strategy})")
 
 
 @pytest.mark.parametrize(

@@ -98,8 +98,9 @@ def megatron_logits_run(model_type, tied, tp, pp, megatron_checkpoint=None):
         if megatron_checkpoint is not None:
             load_model_weights([model], megatron_checkpoint)
         else:
-            load_hf_weights([model], arch, hf_model.state_dict(), tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                            tp_size=tp, padded_vocab_size=padded)
+            load_hf_weights([model], arch, hf_model.state_dict(),
+                            tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
+                            padded_vocab_size=padded)
 
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
         pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)

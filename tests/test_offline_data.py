@@ -102,7 +102,8 @@ def test_text_options_raw_tokenizer_no_eos_max_responses_blank_lines(tmp_path, t
 # ---------------------------------------------------------------------------------------------------------
 
 GOOD_TEXT = {"prompt": "1+2=", "responses": [{"text": "03", "reward": 1.0}, {"text": "04", "reward": 0.0}]}
-GOOD_IDS = {"prompt_ids": [4, 13, 5, 14], "responses": [{"ids": [3, 6, 1], "reward": 1.0}, {"ids": [3, 7], "reward": 0}]}
+GOOD_IDS = {"prompt_ids": [4, 13, 5, 14],
+            "responses": [{"ids": [3, 6, 1], "reward": 1.0}, {"ids": [3, 7], "reward": 0}]}
 
 
 def _with(base, **changes):

@@ -4,10 +4,11 @@ context-parallel (CP) micro-batches.
 The model half of THD and CP is Transformer Engine's attention, which does not run on CPU; everything around
 it does and is pinned here. Each CP rank receives the slice of the full model output that Megatron's layout
 gives it (the model's output at a position depends only on the sequence, not on the layout), runs the
-production head (`gvpo_head` -> `sequence_logprobs` -> `cp_sum`), and Megatron's two divisions are applied
-(micro-batches; DDP's average over DP x CP). Sequence log-probs, the loss and the gradient with respect to
-the full output must equal the single-process padded reference, for cp in {1, 2, 4}, padded and THD
-layouts, the logits head and the fused head.
+production head (`gvpo_head` -> `sequence_logprobs` -> `cp_sum`, or GRPO's `policy_gradient_head` with
+per-token old and reference log-probs laid out like the tokens), and Megatron's two divisions are applied
+(micro-batches; DDP's average over DP x CP). Sequence log-probs, token log-probs (`token_logprob_head`), the
+loss and the gradient with respect to the full output must equal the single-process padded reference, for
+cp in {1, 2, 4}, padded and THD layouts, the logits head and the fused head.
 """
 
 import pytest
@@ -104,10 +105,18 @@ def test_padded_layout_pads_columns_to_the_cp_multiple():
     assert out["tokens"].shape == (6, 4) and out["seq_index"].shape == (6, 4)
 
 
-def head_run(packing: str, fused: bool, pad_multiple: int = 1):
-    """One micro-batch through the production GVPO head on this CP rank (the world); returns the completed
-    sequence log-probs, the loss as Megatron reports it, and this rank's gradient w.r.t. the full output."""
-    from megatron_gvpo.megatron.step import GVPOLossSpec, LogprobSpec, gvpo_head
+def head_run(packing: str, fused: bool, pad_multiple: int = 1, algorithm: str = "gvpo"):
+    """One micro-batch through a production training head (`gvpo_head`, or `policy_gradient_head` for GRPO)
+    on this CP rank (the world); returns the completed sequence log-probs, the loss as Megatron reports it,
+    this rank's gradient w.r.t. the full output, and `token_logprob_head`'s token log-probs."""
+    from megatron_gvpo.megatron.step import (
+        GVPOLossSpec,
+        LogprobSpec,
+        PolicyGradientSpec,
+        gvpo_head,
+        policy_gradient_head,
+        token_logprob_head,
+    )
 
     cp = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -117,18 +126,23 @@ def head_run(packing: str, fused: bool, pad_multiple: int = 1):
     weight = torch.randn(VOCAB, HIDDEN, generator=g).requires_grad_(fused)
     # The model output at every (row, position) of the padded batch: what any layout's model would produce.
     full = torch.randn(b, s, HIDDEN if fused else VOCAB, generator=g).requires_grad_()
+    mb.update(old_token_logp=-torch.rand(b, s, generator=g) * 4, ref_token_logp=-torch.rand(b, s, generator=g) * 4,
+              advantages=torch.randn(b, generator=g), token_weights=torch.rand(b, generator=g))
     tracker = dict(mb, tokens=torch.arange(b * s).view(b, s))  # the layout moves positions like tokens
     local = layout_microbatch(tracker, SequenceLayout(packing=packing, cp_size=cp, cp_rank=rank,
                                                       pad_multiple=pad_multiple))
     source = local["tokens"].clamp(max=b * s - 1)
     output = full.reshape(b * s, -1)[source]  # [b', t', .] this rank's model output
     group = dist.group.WORLD if cp > 1 else None
-    spec = GVPOLossSpec(
-        beta=BETA, strategy="group_atomic", num_groups=2, megatron_scale=1 * 1 * cp, dp_group=None,
-        logprobs=LogprobSpec(tp_group=None, vocab_size=VOCAB, cp_group=group, packing=packing, fused=fused,
-                             pad_multiple=pad_multiple),
-    )
-    loss, metrics = gvpo_head(local, weight if fused else None, output, spec=spec)
+    logprobs = LogprobSpec(tp_group=None, vocab_size=VOCAB, cp_group=group, packing=packing, fused=fused,
+                           pad_multiple=pad_multiple)
+    if algorithm == "gvpo":
+        loss, metrics = gvpo_head(local, weight if fused else None, output, spec=GVPOLossSpec(
+            beta=BETA, strategy="group_atomic", num_groups=2, megatron_scale=1 * 1 * cp, dp_group=None,
+            logprobs=logprobs))
+    else:
+        loss, metrics = policy_gradient_head(local, weight if fused else None, output, spec=PolicyGradientSpec(
+            clip_eps=0.2, kl_coef=0.1, megatron_scale=1 * 1 * cp, logprobs=logprobs))
     # Megatron: loss / num_microbatches (here 1) in the schedule, then DDP averages gradients over DP x CP.
     loss.backward()
     grads = [full.grad] + ([weight.grad] if fused else [])
@@ -136,18 +150,23 @@ def head_run(packing: str, fused: bool, pad_multiple: int = 1):
         for grad in grads:
             dist.all_reduce(grad)
             grad /= cp
-    return metrics["seq_logp"], float(metrics["loss"]), grads
+    _, tokens = token_logprob_head(local, weight if fused else None, output, spec=logprobs, columns=s)
+    return metrics["seq_logp"], float(metrics["loss"]), grads, tokens["token_logp"]
 
 
+@pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
 @pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
 @pytest.mark.parametrize("packing", ["padded", "thd"])
 @pytest.mark.parametrize("cp", [1, 2, 4])
-def test_cp_and_thd_heads_equal_the_padded_single_process_reference(gloo, cp, packing, fused):
+def test_cp_and_thd_heads_equal_the_padded_single_process_reference(gloo, cp, packing, fused, algorithm):
     """Megatron averages gradients over DP x CP, so the DDP average above is what a real CP run applies."""
-    want_logp, want_loss, want_grads = head_run("padded", fused)
-    results = [head_run(packing, fused)] if cp == 1 else gloo.run(cp, head_run, packing, fused)
-    for logp, loss, grads in results:
+    want_logp, want_loss, want_grads, want_tokens = head_run("padded", fused, algorithm=algorithm)
+    assert (want_tokens != 0).sum() == make_microbatch()["loss_mask"].sum()
+    results = ([head_run(packing, fused, algorithm=algorithm)] if cp == 1
+               else gloo.run(cp, head_run, packing, fused, 1, algorithm))
+    for logp, loss, grads, tokens in results:
         torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tokens, want_tokens, rtol=1e-5, atol=1e-5)
         assert loss == pytest.approx(want_loss, rel=1e-5)
         for got, want in zip(grads, want_grads, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -167,8 +186,8 @@ def test_fp8_padding_leaves_the_head_unchanged(packing, fused):
     layout = layout_microbatch(make_microbatch(), SequenceLayout(packing=packing, pad_multiple=multiple))
     bounds = layout["cu_seqlens_padded"] if packing == "thd" else torch.tensor(layout["tokens"].shape[1:])
     assert (bounds % multiple == 0).all()
-    want_logp, want_loss, want_grads = head_run(packing, fused)
-    logp, loss, grads = head_run(packing, fused, pad_multiple=multiple)
+    want_logp, want_loss, want_grads, _ = head_run(packing, fused)
+    logp, loss, grads, _ = head_run(packing, fused, pad_multiple=multiple)
     torch.testing.assert_close(logp, want_logp, rtol=1e-6, atol=1e-6)
     assert loss == pytest.approx(want_loss, rel=1e-6)
     for got, want in zip(grads, want_grads, strict=True):

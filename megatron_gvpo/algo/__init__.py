@@ -5,6 +5,7 @@ The Megatron glue (micro-batching, normalisers across ranks) lives in the traine
 """
 
 from megatron_gvpo.algo.baselines import (
+    clipped_policy_gradient,
     dpo_loss,
     dr_grpo_loss,
     group_advantages,
@@ -25,6 +26,7 @@ from megatron_gvpo.algo.sequence import packed_sequence_logprob, sequence_logpro
 
 __all__ = [
     "Groups",
+    "clipped_policy_gradient",
     "dpo_loss",
     "dr_grpo_loss",
     "group_advantages",

@@ -53,6 +53,7 @@ def grpo_loss(
     ref_token_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     length_norm: Literal["sequence", "constant"] = "sequence",
+    length_constant: int | None = None,
 ) -> torch.Tensor:
     """Clipped policy-gradient loss with an optional k3 KL penalty to `ref_token_logp`.
 
@@ -64,29 +65,50 @@ def grpo_loss(
         clip_eps: PPO clip range for the ratio pi_theta / pi_old.
         ref_token_logp, kl_coef: k3 penalty exp(q - l) - (q - l) - 1 per token, weighted by kl_coef.
         length_norm: "sequence" (GRPO: mean over each response's tokens) or "constant" (Dr. GRPO: sum over
-            tokens divided by T).
+            tokens divided by `length_constant`, T when None; Dr. GRPO uses the generation budget).
     """
     _check_tokens(token_logp=token_logp, old_token_logp=old_token_logp, response_mask=response_mask)
     if advantages.shape != token_logp.shape[:1]:
         raise ValueError(f"advantages must be [B]={token_logp.shape[0]}, got shape {tuple(advantages.shape)}")
     if kl_coef and ref_token_logp is None:
         raise ValueError("kl_coef > 0 needs ref_token_logp")
-    mask = response_mask.to(token_logp.dtype)
-    ratio = torch.exp(token_logp - old_token_logp.detach())
-    adv = advantages.detach().unsqueeze(-1)
-    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     if kl_coef:
         _check_tokens(token_logp=token_logp, ref_token_logp=ref_token_logp)
-        log_r = ref_token_logp.detach() - token_logp
-        per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1)
+    mask = response_mask.to(token_logp.dtype)
+    per_token = clipped_policy_gradient(token_logp, old_token_logp, advantages.unsqueeze(-1).expand_as(token_logp),
+                                        clip_eps=clip_eps, ref_token_logp=ref_token_logp, kl_coef=kl_coef)
     per_token = torch.where(response_mask.bool(), per_token, torch.zeros_like(per_token))
     if length_norm == "sequence":
         per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
     elif length_norm == "constant":
-        per_seq = per_token.sum(-1) / token_logp.shape[-1]
+        per_seq = per_token.sum(-1) / (length_constant or token_logp.shape[-1])
     else:
         raise ValueError(f"length_norm must be 'sequence' or 'constant', got {length_norm!r}")
     return per_seq.mean()
+
+
+def clipped_policy_gradient(
+    token_logp: torch.Tensor,
+    old_token_logp: torch.Tensor,
+    token_advantages: torch.Tensor,
+    *,
+    clip_eps: float,
+    ref_token_logp: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """GRPO's loss per token, elementwise over tensors of one shape: -min(r A, clip(r, 1 +- eps) A) with
+    r = pi_theta / pi_old, plus kl_coef * (exp(q - l) - (q - l) - 1), the k3 estimate of KL(pi_theta || pi_ref).
+    Normalisation (over a response's tokens, over the batch) is the caller's: `grpo_loss` for [B, T]
+    tensors, the Megatron head for the scored tokens of a micro-batch."""
+    ratio = torch.exp(token_logp - old_token_logp.detach())
+    adv = token_advantages.detach()
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if kl_coef:
+        if ref_token_logp is None:
+            raise ValueError("kl_coef > 0 needs ref_token_logp")
+        log_r = ref_token_logp.detach() - token_logp
+        per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1)
+    return per_token
 
 
 def dr_grpo_loss(
@@ -96,11 +118,13 @@ def dr_grpo_loss(
     response_mask: torch.Tensor,
     *,
     clip_eps: float = 0.2,
+    length_constant: int | None = None,
 ) -> torch.Tensor:
     """Dr. GRPO: `grpo_loss` with constant length normalisation and no KL term; pass advantages from
     `group_advantages(..., scale_by_std=False)`."""
     return grpo_loss(
-        token_logp, old_token_logp, advantages, response_mask, clip_eps=clip_eps, length_norm="constant"
+        token_logp, old_token_logp, advantages, response_mask, clip_eps=clip_eps, length_norm="constant",
+        length_constant=length_constant,
     )
 
 

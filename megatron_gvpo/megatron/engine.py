@@ -1,5 +1,6 @@
-"""The policy on Megatron-Core: DDP-wrapped model chunks, optimizer and LR schedule, and the two operations the
-GVPO loop needs: sequence log-probs of a batch (forward only) and a training step on a batch.
+"""The policy on Megatron-Core: DDP-wrapped model chunks, optimizer and LR schedule, and the operations the
+GVPO loop needs: log-probs of a batch (forward only: what the objective compares the policy with) and a
+training step on a batch, with GVPO or one of the baselines it is compared against (`algo.name`).
 
 Every rank of every layout calls the same methods with the same global batch; each keeps its own share
 (pipeline stage, tensor shard, data-parallel rows). Results that only the last pipeline stage computes
@@ -29,7 +30,13 @@ from megatron_gvpo.megatron.model import (
     transformer_config,
 )
 from megatron_gvpo.megatron.parallel import ParallelContext
-from megatron_gvpo.megatron.step import LogprobSpec, compute_sequence_logprobs, forward_backward_gvpo
+from megatron_gvpo.megatron.step import (
+    LogprobSpec,
+    compute_sequence_logprobs,
+    compute_token_logprobs,
+    forward_backward_gvpo,
+    forward_backward_policy_gradient,
+)
 from megatron_gvpo.megatron.weights import load_hf_weights
 from megatron_gvpo.models.arch import Arch, padded_vocab_size
 
@@ -156,13 +163,38 @@ class MegatronEngine:
     @torch.no_grad()
     def sequence_logprobs(self, batch: dict, *, reference: bool = False) -> torch.Tensor:
         """[N] log pi(response | prompt) of every row under the policy (or the reference copy), on every rank."""
+        seq_logp = self._forward_only(compute_sequence_logprobs, batch, reference)
+        return self._broadcast_from_last_stage(seq_logp, (batch["tokens"].shape[0],), torch.float32)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: dict, *, reference: bool = False) -> torch.Tensor:
+        """[N, S] token log-probs aligned with `batch["targets"]` (0 where nothing is scored), on every rank."""
+        token_logp = self._forward_only(compute_token_logprobs, batch, reference)
+        return self._broadcast_from_last_stage(token_logp, tuple(batch["tokens"].shape), torch.float32)
+
+    def _forward_only(self, compute, batch: dict, reference: bool):
         chunks = self.reference if (reference and self.reference is not None) else self.chunks
         for c in chunks:
             c.eval()
-        seq_logp = compute_sequence_logprobs(chunks, batch, self.ctx, self.cfg.train.micro_batch_size, self.logprobs)
+        out = compute(chunks, batch, self.ctx, self.cfg.train.micro_batch_size, self.logprobs)
         for c in chunks:
             c.train()
-        return self._broadcast_from_last_stage(seq_logp, (batch["tokens"].shape[0],), torch.float32)
+        return out
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """What the objective compares the policy with, computed before a rollout's first update and added to the
+        batch: `ref_seq_logp` (GVPO's pi_ref; for the baselines a diagnostic), and for the baselines
+        `old_token_logp` (the sampling policy, for the PPO ratio over several updates) and, with a KL penalty,
+        `ref_token_logp`."""
+        a = self.cfg.algo
+        reference = a.reference != "old_policy"
+        if a.name == "gvpo":
+            return {"ref_seq_logp": self.sequence_logprobs(batch, reference=reference)}
+        old = self.token_logprobs(batch)
+        ref = self.token_logprobs(batch, reference=True) if reference else old
+        return {"old_token_logp": old, "ref_seq_logp": ref.sum(1),
+                **({"ref_token_logp": ref} if a.kl_coef else {})}
 
     @torch.no_grad()
     def refresh_reference(self) -> None:
@@ -174,16 +206,21 @@ class MegatronEngine:
                 p_ref.copy_(p)
 
     def train_step(self, batch: dict) -> StepResult:
-        """One optimizer step on `batch` (whole groups, with `ref_seq_logp`). A non-finite gradient norm skips
-        the update (counted in `skipped_steps`); parameters and optimizer state stay as they were."""
+        """One optimizer step on `batch` (whole groups, with `reference_logprobs`). A non-finite gradient norm
+        skips the update (counted in `skipped_steps`); parameters and optimizer state stay as they were."""
         a = self.cfg.algo
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        out = forward_backward_gvpo(
-            self.chunks, batch, self.ctx, micro_batch_size=self.cfg.train.micro_batch_size, beta=a.beta,
-            strategy=a.group_strategy, logprobs=self.logprobs, loss_scale=a.loss_scale,
-        )
+        mbs = self.cfg.train.micro_batch_size
+        if a.name == "gvpo":
+            out = forward_backward_gvpo(self.chunks, batch, self.ctx, micro_batch_size=mbs, beta=a.beta,
+                                        strategy=a.group_strategy, logprobs=self.logprobs, loss_scale=a.loss_scale)
+        else:
+            out = forward_backward_policy_gradient(
+                self.chunks, batch, self.ctx, micro_batch_size=mbs, algorithm=a.name, clip_eps=a.clip_eps,
+                kl_coef=a.kl_coef, length_constant=self.cfg.rollout.max_new_tokens, logprobs=self.logprobs,
+            )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         found_inf = self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())

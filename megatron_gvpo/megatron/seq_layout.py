@@ -29,6 +29,9 @@ import torch
 import torch.distributed as dist
 
 PER_TOKEN_KEYS = ("tokens", "position_ids", "targets", "loss_mask", "seq_index")
+TOKEN_VALUE_KEYS = ("old_token_logp", "ref_token_logp")
+"""Optional per-token values [b, s] aligned with `targets` (the policy-gradient baselines' log-probs): laid
+out like `targets` when a micro-batch carries them."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def pack_rows(mb: dict, pad_multiple: int = 1) -> dict:
     offset = torch.arange(total) - cu_padded[:-1][seq_index]  # position within its (padded) sequence
     real = offset < lengths[seq_index]
     src = seq_index * s + offset.clamp(max=s - 1)  # padding reads any in-row position, then is masked
-    out = {k: v for k, v in mb.items() if k not in PER_TOKEN_KEYS}
+    out = {k: v for k, v in mb.items() if k not in PER_TOKEN_KEYS + TOKEN_VALUE_KEYS}
 
     def gather(x: torch.Tensor, fill) -> torch.Tensor:
         flat = x.reshape(-1)[src]
@@ -90,6 +93,7 @@ def pack_rows(mb: dict, pad_multiple: int = 1) -> dict:
         cu_seqlens=cu,
         cu_seqlens_padded=cu_padded,
     )
+    out.update({k: gather(mb[k], 0.0) for k in TOKEN_VALUE_KEYS if k in mb})
     return out
 
 
@@ -100,7 +104,7 @@ def pad_columns(mb: dict, multiple: int) -> dict:
     if not extra:
         return dict(mb)
     out = dict(mb)
-    for k in ("tokens", "targets", "loss_mask"):
+    for k in ("tokens", "targets", "loss_mask", *(k for k in TOKEN_VALUE_KEYS if k in mb)):
         out[k] = torch.nn.functional.pad(mb[k], (0, extra), value=0)
     if "position_ids" in mb:
         b = mb["tokens"].shape[0]
@@ -140,7 +144,7 @@ def layout_microbatch(mb: dict, layout: SequenceLayout) -> dict:
         bounds = torch.tensor([0, s])
     if layout.cp_size > 1:
         index = cp_token_index(bounds, layout.cp_size, layout.cp_rank)
-        out.update({k: out[k].index_select(1, index) for k in PER_TOKEN_KEYS})
+        out.update({k: out[k].index_select(1, index) for k in PER_TOKEN_KEYS + TOKEN_VALUE_KEYS if k in out})
     if layout.packing == "thd":
         out["packed_seq_params"] = packed_seq_params(out["cu_seqlens"], out["cu_seqlens_padded"])
     return out

@@ -4,15 +4,18 @@
 runs the model chunk on a micro-batch and returns `(output, partial(head, micro_batch))`. On the last
 pipeline stage `output` is the vocab-parallel logits [b, s, V/tp] and the head computes token log-probs with
 `vocab_parallel_logprobs` (no vocabulary gather), sums them over response tokens and returns
-`(loss, metrics)` in Megatron's loss-function contract. Two heads:
-- `logprob_head`: no loss, reports sequence log-probs (reference / old-policy / pre-pass forward-only runs);
-- `gvpo_head`: the GVPO loss, for one of three exact group strategies (see `megatron_gvpo.data.batch`).
+`(loss, metrics)` in Megatron's loss-function contract. The heads:
+- `logprob_head` / `token_logprob_head`: no loss, report sequence / token log-probs (reference, old-policy
+  and pre-pass forward-only runs);
+- `gvpo_head`: the GVPO loss, for one of three exact group strategies (see `megatron_gvpo.data.batch`);
+- `policy_gradient_head`: GRPO or Dr. GRPO (`algo.baselines`), the baselines GVPO is compared against.
 
 Normalisation. Megatron divides every micro-batch loss by the number of micro-batches and DDP averages
 gradients over the data- and context-parallel ranks. GVPO's normaliser is global (the number of groups of
-size >= 2 in the whole batch), so each micro-batch loss is multiplied by `num_microbatches * dp * cp` before
-Megatron's divisions: the summed gradient is then exactly the gradient of the global GVPO loss, for every
-split. (CP ranks hold different tokens of the same sequences, so their gradients add up.)
+size >= 2 in the whole batch; for the baselines, the number of responses), so each micro-batch loss is
+multiplied by `num_microbatches * dp * cp` before Megatron's divisions: the summed gradient is then exactly
+the gradient of the global loss, for every split. (CP ranks hold different tokens of the same sequences, so
+their gradients add up.)
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_gvpo.algo import (
+    clipped_policy_gradient,
+    group_advantages,
     gvpo_loss,
     gvpo_loss_with_group_stats,
     gvpo_surrogate_loss,
@@ -72,11 +77,11 @@ class LogprobSpec:
     DDP with overlap_grad_reduce=False; see `fused_linear_logprobs`)."""
 
 
-def sequence_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | None, spec: LogprobSpec) -> torch.Tensor:
-    """[rows] log pi(response | prompt) of the micro-batch's rows, from vocab-parallel logits [b, t, V_padded/tp]
-    or, with `spec.fused`, from hidden states [b, t, h] and the output weight [V_padded/tp, h]. Token positions
-    map to rows through `mb["seq_index"]` (padded, packed or CP-split alike, see `seq_layout`); with CP the
-    per-rank partial sums are completed over the CP group."""
+def scored_token_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | None,
+                          spec: LogprobSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, positions) of the micro-batch's scored tokens, flat in layout order, from vocab-parallel
+    logits [b, t, V_padded/tp] or, with `spec.fused`, from hidden states [b, t, h] and the output weight
+    [V_padded/tp, h]. Under CP these are this rank's share of the tokens."""
     kwargs = dict(tp_group=spec.tp_group, chunk_size=spec.chunk_size, vocab_size=spec.vocab_size)
     scored = mb["loss_mask"].reshape(-1).nonzero().squeeze(1)
     if spec.fused:
@@ -87,14 +92,37 @@ def sequence_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | Non
                                            main_grad_accumulation=spec.main_grad_accumulation)
     else:
         token_logp = vocab_parallel_logprobs(output, mb["targets"], **kwargs).reshape(-1)[scored]
+    return token_logp, scored
+
+
+def _row_sums(mb: dict, token_logp: torch.Tensor, scored: torch.Tensor, cp_group) -> torch.Tensor:
+    """[rows] sums of scored-token values per row: token positions map to rows through `mb["seq_index"]`
+    (padded, packed or CP-split alike, see `seq_layout`); with CP the per-rank partial sums are completed."""
     rows = mb["seq_index"].reshape(-1)[scored]
-    partial_logp = token_logp.new_zeros(mb["row_index"].numel()).index_add(0, rows, token_logp)
-    return cp_sum(partial_logp, spec.cp_group)
+    partial_sums = token_logp.new_zeros(mb["row_index"].numel()).index_add(0, rows, token_logp)
+    return cp_sum(partial_sums, cp_group)
+
+
+def sequence_logprobs(mb: dict, output: torch.Tensor, weight: torch.Tensor | None, spec: LogprobSpec) -> torch.Tensor:
+    """[rows] log pi(response | prompt) of the micro-batch's rows (see `scored_token_logprobs`)."""
+    token_logp, scored = scored_token_logprobs(mb, output, weight, spec)
+    return _row_sums(mb, token_logp, scored, spec.cp_group)
 
 
 def logprob_head(mb: dict, weight, logits: torch.Tensor, *, spec: LogprobSpec):
     seq_logp = sequence_logprobs(mb, logits, weight, spec).detach()
     return logits.sum() * 0.0, {"seq_logp": seq_logp, "row_index": mb["row_index"]}
+
+
+def token_logprob_head(mb: dict, weight, logits: torch.Tensor, *, spec: LogprobSpec, columns: int):
+    """Token log-probs [rows, columns] in the batch's own columns (`position_ids` are the columns in every
+    layout), 0 where nothing is scored."""
+    token_logp, scored = scored_token_logprobs(mb, logits, weight, spec)
+    dense = token_logp.new_zeros(mb["row_index"].numel(), columns)
+    dense[mb["seq_index"].reshape(-1)[scored], mb["position_ids"].reshape(-1)[scored]] = token_logp.detach()
+    if spec.cp_group is not None:  # each token is on one CP rank
+        dist.all_reduce(dense, group=spec.cp_group)
+    return logits.sum() * 0.0, {"token_logp": dense, "row_index": mb["row_index"]}
 
 
 @dataclass(frozen=True)
@@ -207,13 +235,14 @@ def run_schedule(
 
 
 def gather_rows(outputs: list[dict], key: str, num_rows: int, ctx: ParallelContext) -> torch.Tensor | None:
-    """Per-row values reported by the heads of every DP rank, in global row order (last stage; None elsewhere)."""
+    """Per-row values ([rows] or [rows, ...]) reported by the heads of every DP rank, in global row order (last
+    stage; None elsewhere)."""
     if not ctx.is_last_stage():
         return None
     rows = torch.cat([o["row_index"] for o in outputs])
     values = torch.cat([o[key] for o in outputs])
     rows, values = _all_gather_rows(rows, ctx.dp_group), _all_gather_rows(values, ctx.dp_group)
-    out = torch.full((num_rows,), float("nan"), dtype=values.dtype)
+    out = torch.full((num_rows, *values.shape[1:]), float("nan"), dtype=values.dtype)
     out[rows] = values
     return out
 
@@ -225,6 +254,19 @@ def compute_sequence_logprobs(
     """[N] sequence log-probs of the whole batch under the current weights (forward only); last stage only."""
     micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
     return _microbatch_logprobs(chunks, micro, batch["tokens"].shape[0], ctx, logprobs)
+
+
+@torch.no_grad()
+def compute_token_logprobs(
+    chunks: list, batch: dict, ctx: ParallelContext, micro_batch_size: int, logprobs: LogprobSpec
+) -> torch.Tensor | None:
+    """[N, S] token log-probs of the whole batch under the current weights, aligned with `batch["targets"]`
+    and 0 where `loss_mask` is False (forward only); last stage only."""
+    n, s = batch["tokens"].shape
+    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
+    outputs = run_schedule(chunks, micro, partial(token_logprob_head, spec=logprobs, columns=s), forward_only=True,
+                           cp_size=ctx.cp_size)
+    return gather_rows(outputs, "token_logp", n, ctx)
 
 
 @torch.no_grad()
@@ -268,12 +310,92 @@ def forward_backward_gvpo(
         logprobs=logprobs, dp_group=ctx.dp_group, loss_scale=loss_scale,
     )
     outputs = run_schedule(chunks, micro, partial(gvpo_head, spec=spec), forward_only=False, cp_size=ctx.cp_size)
+    if prepass_loss is not None:
+        return {"loss": float(prepass_loss), "seq_logp": gather_rows(outputs, "seq_logp", n, ctx)}
+    return _loss_and_logprobs(outputs, n, ctx)
+
+
+def _loss_and_logprobs(outputs: list[dict], num_rows: int, ctx: ParallelContext) -> dict | None:
+    """The batch loss (the heads' reported micro-batch losses summed over micro-batches and DP ranks) and the
+    [N] sequence log-probs, on the last stage; None elsewhere."""
     if not ctx.is_last_stage():
         return None
-    seq_logp = gather_rows(outputs, "seq_logp", n, ctx)
-    if prepass_loss is not None:
-        return {"loss": float(prepass_loss), "seq_logp": seq_logp}
+    seq_logp = gather_rows(outputs, "seq_logp", num_rows, ctx)
     local = torch.stack([o["loss"] for o in outputs]).sum()
     if ctx.dp_size > 1:
         dist.all_reduce(local, group=ctx.dp_group)
     return {"loss": float(local), "seq_logp": seq_logp}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The policy-gradient baselines (GRPO, Dr. GRPO), for comparisons through the same schedule
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyGradientSpec:
+    """Everything the policy-gradient head needs besides the micro-batch."""
+
+    clip_eps: float
+    kl_coef: float
+    megatron_scale: float
+    """num_microbatches * dp * cp, as for GVPO (module docstring)."""
+    logprobs: LogprobSpec
+
+
+def policy_gradient_head(mb: dict, weight, logits: torch.Tensor, *, spec: PolicyGradientSpec):
+    """`clipped_policy_gradient` on the scored tokens, each weighted by its row's `token_weights` (the length
+    and batch normalisation). Without `old_token_logp` the sampling policy is the current one (ratio 1, the
+    first update on a rollout). Under CP every rank sums its own tokens and the gradients add up."""
+    token_logp, scored = scored_token_logprobs(mb, logits, weight, spec.logprobs)
+    rows = mb["seq_index"].reshape(-1)[scored]
+
+    def at_scored(key: str) -> torch.Tensor:
+        return mb[key].reshape(-1)[scored]
+
+    old = at_scored("old_token_logp") if "old_token_logp" in mb else token_logp.detach()
+    per_token = clipped_policy_gradient(
+        token_logp, old, mb["advantages"][rows], clip_eps=spec.clip_eps,
+        ref_token_logp=at_scored("ref_token_logp") if spec.kl_coef else None, kl_coef=spec.kl_coef,
+    )
+    loss = (per_token * mb["token_weights"][rows]).sum()
+    reported = loss.detach().clone()
+    if spec.logprobs.cp_group is not None:
+        dist.all_reduce(reported, group=spec.logprobs.cp_group)
+    seq_logp = _row_sums(mb, token_logp.detach(), scored, spec.logprobs.cp_group)
+    return loss * spec.megatron_scale, {"loss": reported, "seq_logp": seq_logp, "row_index": mb["row_index"]}
+
+
+def forward_backward_policy_gradient(
+    chunks: list,
+    batch: dict,
+    ctx: ParallelContext,
+    *,
+    micro_batch_size: int,
+    algorithm: Literal["grpo", "dr_grpo"],
+    clip_eps: float,
+    kl_coef: float,
+    length_constant: int,
+    logprobs: LogprobSpec,
+) -> dict[str, float] | None:
+    """`forward_backward_gvpo` for GRPO or Dr. GRPO: the gradient of `baselines.grpo_loss` (GRPO: advantages
+    scaled by the group std, each response's token mean; Dr. GRPO: no std, token sums / `length_constant`)
+    averaged over the batch's responses. Optional `old_token_logp` / `ref_token_logp` [N, S] come from
+    `compute_token_logprobs`. Any micro-batch split is exact: advantages and normalisers are per row."""
+    if algorithm not in ("grpo", "dr_grpo"):
+        raise ValueError(f"unknown policy-gradient algorithm {algorithm!r} (grpo, dr_grpo)")
+    n = batch["tokens"].shape[0]
+    grpo = algorithm == "grpo"
+    lengths = (batch["loss_mask"].sum(1).clamp(min=1).float() if grpo
+               else torch.full((n,), float(length_constant)))
+    batch = {
+        **batch,
+        "advantages": group_advantages(batch["rewards"], batch["group_ids"], scale_by_std=grpo).float(),
+        "token_weights": 1.0 / (lengths * n),
+    }
+    micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
+    spec = PolicyGradientSpec(clip_eps=clip_eps, kl_coef=kl_coef, logprobs=logprobs,
+                              megatron_scale=len(micro) * ctx.dp_size * ctx.cp_size)
+    outputs = run_schedule(chunks, micro, partial(policy_gradient_head, spec=spec), forward_only=False,
+                           cp_size=ctx.cp_size)
+    return _loss_and_logprobs(outputs, n, ctx)

@@ -1,0 +1,116 @@
+"""Short RL runs of the main job's task, many in one process against one SGLang server: what the evidence
+benchmarks (`stability.py`, `off_policy.py`, `beta_k.py`) share.
+
+A run is `megatron_gvpo.train` on configs/addition_gvpo.yaml (8-digit addition, the start policy that
+`bench_start` builds, exact-match reward) with the benchmark's overrides, attached (`rollout.urls`) to one
+server that `shared_server` starts once on the start policy. Every run loads its own initial weights into
+the server before its first request, and sampling is seeded (`rollout.seeded`: samples depend on the run's
+seed, the step and the weights only), so runs do not see each other and a rerun reproduces a run. Weights go
+to the server through shared memory (`rollout.weight_sync: tensor`).
+
+`summarise` reduces a run's metrics.jsonl to what the benchmark tables report: held-out greedy accuracy and
+pass@k at the start and the end, KL to the start policy, gradient-norm spread, non-finite (skipped) steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from pathlib import Path
+
+from _common import REPO_ROOT
+
+BASE_CONFIG = REPO_ROOT / "configs/addition_gvpo.yaml"
+START_ACCURACY = 0.35
+"""The benchmarks' start policy: the main job's warm start recipe, run on until this held-out greedy accuracy
+(256 prompts). The main job starts weaker (15%) so that its gain is plain to see; at 15%, temperature-1 samples
+are right ~1.5% of the time, so a benchmark batch of 64 holds about one rewarded sample and a short run
+measures mostly noise. From ~35%, ~12% are right and 30 steps separate the methods."""
+
+
+def bench_start() -> Path:
+    """The task's assets and the benchmarks' start policy (built if missing, ~2 min); returns its directory."""
+    from megatron_gvpo.data.addition import make_tiny_assets
+    from megatron_gvpo.experiments.warm_start import WarmStartConfig, warm_start
+
+    cfg = base_config([])
+    assets = Path(cfg.prompts.path).parent
+    for line in make_tiny_assets(assets):
+        print(line)
+    model = assets / f"warm_start_{round(START_ACCURACY * 100)}"
+    if not (model / "warm_start.json").is_file():
+        print(f"benchmark start policy into {model} (supervised, stops at held-out greedy accuracy "
+              f"{START_ACCURACY:.0%})")
+        summary = warm_start(model, WarmStartConfig(tokenizer=str(assets / "tokenizer"),
+                                                    heldout_prompts=cfg.prompts.eval_path,
+                                                    target_accuracy=START_ACCURACY))
+        if not summary["reached_target"]:
+            raise RuntimeError(f"the benchmark start policy stopped at {summary['heldout_greedy']:.1%}")
+    return model
+
+
+def base_config(overrides: list[str]):
+    from megatron_gvpo.config import Config, load_config
+
+    return load_config(Config, BASE_CONFIG, overrides)
+
+
+@contextlib.contextmanager
+def shared_server(log_dir: Path, overrides: list[str] = ()):
+    """One seeded SGLang server on `model.path` of the base config with `overrides`; yields its URL."""
+    import torch
+
+    from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
+
+    cfg = base_config(list(overrides))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = SGLangServer(SGLangServerConfig(
+        model_path=cfg.model.path, random_seed=cfg.run.seed, deterministic=torch.cuda.is_available(),
+        custom_logit_processor=not torch.cuda.is_available(), max_total_tokens=cfg.rollout.max_total_tokens,
+        log_path=str(log_dir / "sglang.log")))
+    with server:
+        yield server.url
+
+
+def rl_run(url: str, run_dir: Path, overrides: list[str]) -> dict:
+    """One fresh run (run_dir is emptied first) attached to `url`; returns `summarise(run_dir)`."""
+    import shutil
+
+    from megatron_gvpo.train import train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = base_config([f"run.dir={run_dir}", "run.resume=false", "rollout.weight_sync=tensor", *overrides])
+    cfg.rollout.urls = [url]
+    cfg.validate()
+    start = time.perf_counter()
+    train(cfg)
+    return {**summarise(run_dir), "seconds": time.perf_counter() - start}
+
+
+def summarise(run_dir: Path) -> dict:
+    from megatron_gvpo.utils.plots import read_metrics
+
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "eval_greedy" in r]
+    steps = [r for r in records if "grad_norm" in r]
+    first, last = evals[0], evals[-1]
+    norms = [r["grad_norm"] for r in steps if isinstance(r["grad_norm"], float) and math.isfinite(r["grad_norm"])]
+    live = [x for x in norms if x > 0]  # a zero gradient: every group's rewards were equal (nothing to learn)
+    losses = [r["loss"] for r in steps]
+    diverged = any(not (isinstance(x, float) and math.isfinite(x)) for x in losses) or last["skipped_steps"] > 0
+    return {
+        "start_greedy": first["eval_greedy"], "final_greedy": last["eval_greedy"],
+        "start_pass": first.get("eval_pass@4"), "final_pass": last.get("eval_pass@4"),
+        "kl_to_start": last.get("kl_to_start"),
+        "reward_first": steps[0]["reward_mean"], "reward_last": statistics.fmean(r["reward_mean"] for r in steps[-5:]),
+        "grad_norm_median": statistics.median(live) if live else float("nan"),
+        # Spread: how far the largest step's gradient is from the typical one (1 = all alike).
+        "grad_norm_max_over_median": max(live) / statistics.median(live) if live else float("nan"),
+        "zero_gradient_steps": len(norms) - len(live),
+        "skipped_steps": last["skipped_steps"],
+        "diverged": diverged,
+        "collapsed": diverged or last["eval_greedy"] < first["eval_greedy"],
+        "curve": [(r["step"], r["eval_greedy"]) for r in evals],
+    }

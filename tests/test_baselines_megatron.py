@@ -1,0 +1,124 @@
+"""Contract: the baselines GVPO is compared against run through the same Megatron schedule as GVPO, exactly.
+
+- `forward_backward_policy_gradient` (GRPO, Dr. GRPO: forward_step -> vocab-parallel token log-probs ->
+  policy-gradient head -> DDP) gives the gradient and loss of `algo.baselines.grpo_loss` / `dr_grpo_loss`
+  computed on Hugging Face transformers' token log-probs of the whole batch in one process, for TP in {1,2},
+  PP in {1,2, 2 with virtual stages}, DP in {1,2}, micro-batches that split groups, the fused head, with old
+  log-probs far enough from the current ones that PPO clipping is active, and GRPO's KL penalty on.
+- `compute_token_logprobs` returns Hugging Face's token log-probs at the scored positions (0 elsewhere) in
+  the batch's own columns, for every layout.
+"""
+
+import pytest
+import torch
+
+from megatron_gvpo.algo import dr_grpo_loss, group_advantages, grpo_loss
+from megatron_gvpo.models.arch import arch_from_hf
+from megatron_gvpo.models.hf_maps import hf_to_megatron
+from tests.test_gvpo_megatron import SEQ, assemble, make_batch, run_on_megatron
+from tests.test_megatron_model import tiny_hf_model
+
+CLIP = 0.2
+LENGTH_CONSTANT = SEQ - 3  # the longest response make_batch draws
+
+
+def hf_token_logprobs(model, batch):
+    logits = model(batch["tokens"]).logits.float()
+    token_logp = torch.log_softmax(logits, -1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    return torch.where(batch["loss_mask"], token_logp, torch.zeros_like(token_logp))
+
+
+def policy_gradient_batch(group_sizes, seed=0):
+    """`make_batch` plus old and reference token log-probs: the policy's own, moved by noise of 0.3 nats so
+    that ratios leave [1 - CLIP, 1 + CLIP] and the KL penalty is not at its minimum."""
+    batch = make_batch(group_sizes, seed)
+    with torch.no_grad():
+        current = hf_token_logprobs(tiny_hf_model("llama", False), batch)
+    g = torch.Generator().manual_seed(seed + 7)
+    for key in ("old_token_logp", "ref_token_logp"):
+        noise = 0.3 * torch.randn(current.shape, generator=g)
+        batch[key] = torch.where(batch["loss_mask"], current + noise, torch.zeros_like(current))
+    return batch
+
+
+def reference_grads(algorithm, kl_coef, batch):
+    """Independent oracle: HF modeling code, full-vocabulary log_softmax, the baselines' [B, T] losses."""
+    model = tiny_hf_model("llama", False)
+    token_logp = hf_token_logprobs(model, batch)
+    advantages = group_advantages(batch["rewards"], batch["group_ids"], scale_by_std=algorithm == "grpo")
+    if algorithm == "grpo":
+        loss = grpo_loss(token_logp, batch["old_token_logp"], advantages, batch["loss_mask"], clip_eps=CLIP,
+                         ref_token_logp=batch["ref_token_logp"], kl_coef=kl_coef)
+    else:
+        loss = dr_grpo_loss(token_logp, batch["old_token_logp"], advantages, batch["loss_mask"], clip_eps=CLIP,
+                            length_constant=LENGTH_CONSTANT)
+    loss.backward()
+    arch = arch_from_hf(model.config)
+    return loss.item(), dict(hf_to_megatron(arch, {n: p.grad for n, p in model.named_parameters()}, arch.vocab_size))
+
+
+def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused):
+    from megatron_gvpo.megatron.step import forward_backward_policy_gradient
+
+    def run(chunks, ctx, logprobs):
+        return forward_backward_policy_gradient(
+            chunks, batch, ctx, micro_batch_size=mbs, algorithm=algorithm, clip_eps=CLIP, kl_coef=kl_coef,
+            length_constant=LENGTH_CONSTANT, logprobs=logprobs,
+        )
+
+    return run_on_megatron(run, "llama", False, tp, pp, vpp, fused)
+
+
+LAYOUTS = [
+    # (tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused, group sizes)
+    (1, 1, None, 1, 4, "grpo", 0.1, False, [4, 4, 4, 4]),
+    (1, 1, None, 1, 3, "dr_grpo", 0.0, False, [4, 3, 5]),
+    (2, 1, None, 1, 2, "grpo", 0.1, False, [4, 4, 4, 4]),
+    (1, 2, None, 1, 3, "dr_grpo", 0.0, False, [4, 4, 4]),
+    (1, 2, 2, 1, 2, "grpo", 0.1, False, [4, 4, 4, 4]),
+    (1, 1, None, 2, 3, "grpo", 0.1, False, [4, 3, 5, 2, 4, 6]),
+    (2, 1, None, 2, 2, "dr_grpo", 0.0, True, [4, 4, 4, 4]),
+    (1, 1, None, 1, 4, "grpo", 0.1, True, [4, 4, 4, 4]),
+]
+
+
+@pytest.mark.parametrize("tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused, group_sizes", LAYOUTS)
+def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused,
+                                                     group_sizes):
+    batch = policy_gradient_batch(group_sizes)
+    ref_loss, ref = reference_grads(algorithm, kl_coef, batch)
+    ratio = torch.exp(hf_token_logprobs(tiny_hf_model("llama", False), batch) - batch["old_token_logp"])
+    assert ((ratio - 1).abs() > CLIP)[batch["loss_mask"]].float().mean() > 0.2  # clipping is exercised
+    results = gloo.run(tp * pp * dp, policy_gradient_run, batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused)
+    losses = [loss for loss, _, _ in results if loss is not None]
+    assert len(losses) == tp * dp
+    for loss in losses:
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+    got = assemble(results, tp)
+    assert set(got) == set(ref)
+    for name, want in ref.items():
+        err = float((got[name][: want.shape[0]] - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        assert err < 1e-5, f"{name}: max |grad - ref| / max |ref| = {err:.2e} ({tp=} {pp=} {vpp=} {dp=} {mbs=})"
+
+
+def token_logprobs_run(batch, tp, pp, mbs):
+    from megatron_gvpo.megatron.step import compute_token_logprobs
+
+    def run(chunks, ctx, logprobs):
+        token_logp = compute_token_logprobs(chunks, batch, ctx, mbs, logprobs)
+        return None if token_logp is None else {"loss": token_logp}
+
+    return run_on_megatron(run, "llama", False, tp, pp, None)[0]
+
+
+@pytest.mark.parametrize("tp, pp, dp, mbs", [(1, 1, 1, 3), (2, 1, 1, 4), (1, 2, 1, 2), (1, 1, 2, 3)])
+def test_token_logprobs_equal_hf(gloo, tp, pp, dp, mbs):
+    batch = make_batch([4, 3, 5])
+    with torch.no_grad():
+        want = hf_token_logprobs(tiny_hf_model("llama", False), batch)
+    got = [t for t in gloo.run(tp * pp * dp, token_logprobs_run, batch, tp, pp, mbs) if t is not None]
+    assert len(got) == tp * dp
+    for token_logp in got:
+        assert token_logp.shape == want.shape
+        assert torch.allclose(token_logp, want, atol=1e-5, rtol=0)
+        assert (token_logp[~batch["loss_mask"]] == 0).all()
