@@ -460,6 +460,10 @@ class Config:
         if self.model.fp8_param_gather and not self.train.distributed_optimizer:
             raise ValueError("model.fp8_param_gather keeps FP8 parameters that Megatron's distributed optimizer "
                              "all-gathers: set train.distributed_optimizer=true")
+        if self.rollout.eval_offline and not (self.rollout.source == "offline" and self.prompts.eval_path):
+            raise ValueError("rollout.eval_offline evaluates an offline run: it needs rollout.source='offline' and "
+                             f"prompts.eval_path (got source={self.rollout.source!r}, "
+                             f"eval_path={self.prompts.eval_path!r})")
         if self.rollout.source != "offline":
             if not self.prompts.path:
                 raise ValueError(f"rollout.source={self.rollout.source!r} needs prompts.path (a JSONL file of prompts)")

@@ -53,9 +53,11 @@ def build(cfg: Config):
 
 
 class OfflineSource:
-    """Batches of scored groups from data.path (megatron_gvpo/data/offline.py); nothing to sync or evaluate."""
+    """Batches of scored groups from data.path (megatron_gvpo/data/offline.py). Weight sync and held-out
+    evaluation only with an `evaluator` (rollout.eval_offline: an OnlineSource that samples nothing)."""
 
     def __init__(self, cfg: Config, arch, tokenizer):
+        self.evaluator = None
         k = cfg.algo.group_size
         # Every group has exactly k responses: the first k of longer rows (an unbiased subset), shorter rows are bad.
         data_cfg = dataclasses.replace(cfg.data, min_responses=k, max_responses=k)
@@ -73,10 +75,10 @@ class OfflineSource:
         return batch, {"reward_mean": float(batch["rewards"].mean())}
 
     def sync_weights(self, step: int) -> float:
-        return 0.0
+        return self.evaluator.sync_weights(step) if self.evaluator is not None else 0.0
 
     def evaluate(self) -> dict:
-        return {}
+        return self.evaluator.evaluate() if self.evaluator is not None else {}
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
@@ -85,7 +87,8 @@ class OfflineSource:
         self.sampler.load_state_dict(state["sampler"])
 
     def close(self) -> None:
-        pass
+        if self.evaluator is not None:
+            self.evaluator.close()
 
 
 def load_tokenizer(cfg: Config):
@@ -178,8 +181,12 @@ def train(cfg: Config) -> list[dict]:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    source = (OnlineSource(cfg, engine, arch, tokenizer, start) if cfg.rollout.source != "offline"
-              else OfflineSource(cfg, arch, tokenizer))
+    if cfg.rollout.source != "offline":
+        source = OnlineSource(cfg, engine, arch, tokenizer, start)
+    else:
+        source = OfflineSource(cfg, arch, tokenizer)  # the data are checked before any server starts
+        if cfg.rollout.eval_offline:
+            source.evaluator = OnlineSource(cfg, engine, arch, tokenizer, start)
     kl = KLToStart(enabled=cfg.rollout.source != "offline")
     if state is not None:
         source.load_state_dict(state)

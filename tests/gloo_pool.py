@@ -31,9 +31,14 @@ class WorkerError(RuntimeError):
 
 
 def _worker_main(rank: int, world_size: int, port: int, tasks, results, timeout_s: float) -> None:
+    import signal
+
     import torch
     import torch.distributed as dist
 
+    from megatron_gvpo.utils.process import die_with_parent
+
+    die_with_parent(signal.SIGKILL)  # a pytest killed without clean-up leaves no workers behind
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",

@@ -38,6 +38,7 @@ def test_defaults_without_file():
         ({}, ["algo.group_size=1"], r"algo\.group_size must be >= 2"),
         ({}, ["parallel.vpp=2"], r"parallel\.vpp=2 needs parallel\.pp >= 2"),
         ({}, ["algo.reference=refresh"], r"algo\.ref_refresh_interval must be > 0 exactly when"),
+        ({}, ["rollout.eval_offline=true"], r"rollout\.eval_offline evaluates an offline run: it needs"),
         ({}, ["algo.name=ppo"], r"algo\.name must be one of \['gvpo', 'grpo', 'dr_grpo'\]"),
         ({}, ["algo.name=grpo", "algo.clip_eps=0"], r"algo\.clip_eps must be > 0"),
         ({}, ["algo.kl_coef=0.1"], r"algo\.kl_coef is GRPO's KL penalty; algo\.name='gvpo' has none"),

@@ -210,22 +210,22 @@ def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets,
     assert want[2]["kl_to_start"] > 0 and want[4]["reward_mean"] != want[1]["reward_mean"]
 
 
-def attached_run(run_dir, assets, url):
+def attached_run(run_dir, assets, url, overrides=()):
     from megatron_gvpo.train import main
     from tests.gloo_pool import checkpoint_helpers_allowed
 
     with checkpoint_helpers_allowed():
-        _attached_main(main, run_dir, assets, url)
+        _attached_main(main, run_dir, assets, url, overrides)
     return True
 
 
-def _attached_main(main, run_dir, assets, url):
+def _attached_main(main, run_dir, assets, url, overrides=()):
     main(["--config", str(REPO / "configs/addition_gvpo.yaml"), "--set", f"run.dir={run_dir}",
           f"model.path={REPO / 'configs/models/tiny_llama.json'}", f"model.tokenizer={assets / 'tokenizer'}",
           f"prompts.path={assets / 'train_prompts.jsonl'}", f"prompts.eval_path={assets / 'heldout_prompts.jsonl'}",
           "train.steps=1", "run.save_interval=0", "algo.group_size=4", "train.global_batch_size=16",
           "train.micro_batch_size=8", "rollout.max_new_tokens=6", "model.seq_length=16", "prompts.max_prompt_tokens=8",
-          "rollout.seeded=false", f"rollout.urls=[{url}]"])
+          "rollout.seeded=false", f"rollout.urls=[{url}]", *overrides])
 
 
 def test_attached_servers_get_the_trainers_weights_before_the_first_request(gloo, assets, tmp_path):
@@ -242,7 +242,22 @@ def test_attached_servers_get_the_trainers_weights_before_the_first_request(gloo
     shutil.copy(REPO / "configs/models/tiny_llama.json", model / "config.json")
     config = SGLangServerConfig(model_path=str(model), max_total_tokens=2048,
                                 extra_args=("--load-format", "dummy", "--tokenizer-path", str(assets / "tokenizer")))
+    data = tmp_path / "groups.jsonl"
+    prompts = [json.loads(line) for line in (assets / "train_prompts.jsonl").read_text().splitlines()][:8]
+    data.write_text("".join(json.dumps({"prompt": p["prompt"], "responses": [
+        {"text": p["label"] if j == 0 else f"{j}{j}", "reward": float(j == 0)} for j in range(4)]}) + "\n"
+        for p in prompts))
     with SGLangServer(config) as server:
         gloo.run(1, attached_run, str(tmp_path / "run"), assets, server.url)
+        # The same server evaluates an offline run (rollout.eval_offline): trained on the fixed groups only,
+        # measured like an online run.
+        gloo.run(1, attached_run, str(tmp_path / "offline"), assets, server.url,
+                 ["rollout.source=offline", f"data.path={data}", "data.prompt_add_special_tokens=false",
+                  "data.max_prompt_tokens=8", "data.max_response_tokens=8",
+                  "rollout.eval_offline=true", "train.steps=2"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r.get("eval_weight_version")) for r in records] == [(0, "step-0"), (1, "step-1")]
+    offline = [json.loads(line) for line in (tmp_path / "offline" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("eval_weight_version")) for r in offline] == [(0, "step-0"), (1, None), (2, "step-2")]
+    assert all("eval_greedy" in r for r in (offline[0], offline[2])) and "kl_to_start" not in offline[2]
+    assert offline[1]["reward_mean"] == 0.25  # one rewarded response in each group of the file

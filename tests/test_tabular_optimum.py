@@ -1,6 +1,7 @@
 """Contract: training a logit table with the production `gvpo_loss` reaches the paper's closed-form optimum
-pi* = pi_ref exp(R/beta)/Z (KL(pi_theta || pi*) < 1e-3) for on-policy, reference and uniform (off-policy)
-sampling on several seeds; GRPO trained on the same samples does not (its fixed point is elsewhere).
+pi* = pi_ref exp(R/beta)/Z (KL(pi_theta || pi*) < 1e-3) for on-policy, reference, tempered-reference,
+mixture and uniform (the last three off-policy) sampling on several seeds; GRPO trained on the same samples
+does not (its fixed point is elsewhere).
 Runs the same `megatron_gvpo.experiments.tabular` code as the main job, with fewer steps."""
 
 from pathlib import Path
@@ -26,7 +27,7 @@ def records():
 def test_gvpo_reaches_the_optimum_from_every_sampler(records):
     cfg, recs = records
     gvpo = [r for r in recs if r["method"] == "gvpo"]
-    assert {r["sampler"] for r in gvpo} == {"on_policy", "reference", "uniform"}
+    assert {r["sampler"] for r in gvpo} == {"on_policy", "reference", "tempered", "mixture", "uniform"}
     for r in gvpo:
         assert r["curve"][0][1] > 0.05, "the start (pi_ref) must be far from pi* for the test to mean anything"
         assert r["final_kl"] < cfg.kl_threshold, r

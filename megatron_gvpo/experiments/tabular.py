@@ -3,9 +3,10 @@
 A tabular problem: P prompts, A responses each, a known reference policy pi_ref and known rewards R. The
 policy is a free logit table theta [P, A] (so the optimum is reachable exactly), started at pi_ref and trained
 with Adam on grouped samples. Theorem 3.1 of the paper says GVPO's unique minimiser is pi* for ANY sampling
-distribution covering pi_ref's support, so three samplers are run: on-policy (pi_theta), the reference, and
-uniform (off-policy). GRPO (std-normalised advantages, ratio clipping against the sampler, k3 KL to pi_ref
-with the same beta), Dr. GRPO and DPO (pairs inside each group) are trained on identically drawn data.
+distribution covering pi_ref's support, so several samplers are run: on-policy (pi_theta), the reference, the
+reference at a higher temperature, a mixture of those two, and uniform (the last three off-policy). GRPO
+(std-normalised advantages, ratio clipping against the sampler, k3 KL to pi_ref with the same beta), Dr. GRPO
+and DPO (pairs inside each group) are trained on identically drawn data.
 The measure is KL(pi_theta || pi*) averaged over prompts; beta * KL(pi_theta || pi*) is also exactly the gap
 in the regularised objective E[R] - beta * KL(pi || pi_ref) between pi* and pi_theta.
 
@@ -36,7 +37,7 @@ from megatron_gvpo.algo import (
 )
 from megatron_gvpo.config import RunConfig, add_config_arguments, load_config, to_dict
 
-Sampler = Literal["on_policy", "reference", "uniform"]
+Sampler = Literal["on_policy", "reference", "tempered", "mixture", "uniform"]
 Method = Literal["gvpo", "grpo", "dr_grpo", "dpo"]
 
 
@@ -61,7 +62,10 @@ class TabularConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Each seed draws a new problem (pi_ref, R) and new samples."""
     samplers: list[Sampler] = field(default_factory=lambda: ["on_policy", "reference", "uniform"])
-    """Sampling distributions: the current policy, pi_ref, or uniform over responses."""
+    """Sampling distributions: the current policy, pi_ref, pi_ref at `temperature` ('tempered': proportional to
+    pi_ref^(1/T)), the half-half mixture of pi_ref and the tempered one, or uniform over responses."""
+    temperature: float = 1.5
+    """Temperature of the 'tempered' sampler (and of the tempered half of 'mixture')."""
     methods: list[Method] = field(default_factory=lambda: ["gvpo", "grpo", "dr_grpo", "dpo"])
     """Objectives trained on the same samples."""
     eval_interval: int = 25
@@ -79,8 +83,9 @@ class TabularConfig:
             raise ValueError(f"responses must be >= 2, got {self.responses}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {self.group_size}")
-        if not self.beta > 0 or not self.lr > 0:
-            raise ValueError(f"beta and lr must be > 0, got beta={self.beta}, lr={self.lr}")
+        if not self.beta > 0 or not self.lr > 0 or not self.temperature > 0:
+            raise ValueError(f"beta, lr and temperature must be > 0, got beta={self.beta}, lr={self.lr}, "
+                             f"temperature={self.temperature}")
         if not self.seeds or not self.samplers or not self.methods:
             raise ValueError("seeds, samplers and methods must each name at least one entry")
 
@@ -120,6 +125,11 @@ def sample_groups(cfg: TabularConfig, problem: Problem, sampler: Sampler, logits
         sampler_logp = torch.log_softmax(logits.detach(), -1)
     elif sampler == "reference":
         sampler_logp = problem.ref_logp
+    elif sampler in ("tempered", "mixture"):
+        sampler_logp = torch.log_softmax(problem.ref_logp / cfg.temperature, -1)
+        if sampler == "mixture":
+            half = torch.log(torch.tensor(0.5, dtype=sampler_logp.dtype))
+            sampler_logp = torch.logaddexp(problem.ref_logp + half, sampler_logp + half)
     else:
         sampler_logp = torch.full_like(problem.ref_logp, -torch.log(torch.tensor(float(cfg.responses))).item())
     per_prompt = cfg.groups_per_prompt * cfg.group_size

@@ -86,6 +86,10 @@ class RolloutConfig:
     per process; then the error stands. Attached servers (`urls`) are never restarted."""
     eval_interval: int = 0
     """Evaluate every this many rollout steps (and before the first and after the last); 0: only those two."""
+    eval_offline: bool = False
+    """source 'offline': evaluate on prompts.eval_path through SGLang all the same (servers started or attached as
+    for online runs, synced with the trainer's weights after every step), e.g. to compare training on a fixed
+    dataset with online training by the same measure."""
     eval_k: int = 4
     """Samples per held-out prompt for pass@k (at eval_temperature); 1 disables it."""
     eval_temperature: float = 1.0
@@ -153,8 +157,11 @@ class OnlineSource:
         self.rank0 = dist.get_rank() == 0
         self.padded_vocab = padded_vocab_size(arch.vocab_size, engine.ctx.tp_size)
         self.run_dir = Path(cfg.run.dir)
-        prompts, self.stats = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer, arch.vocab_size)
-        self.sampler = GroupSampler(prompts, cfg.groups_per_rollout, seed=cfg.run.seed, shuffle=cfg.prompts.shuffle)
+        self.sampler = None  # source 'offline' (rollout.eval_offline): evaluation only, the data come from elsewhere
+        if self.r.source != "offline":
+            prompts, self.stats = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer, arch.vocab_size)
+            self.sampler = GroupSampler(prompts, cfg.groups_per_rollout, seed=cfg.run.seed,
+                                        shuffle=cfg.prompts.shuffle)
         self.replay = ReplayBuffer(self.r.replay_capacity, seed=cfg.run.seed) if self.r.source == "mix" else None
         self.eval_prompts: list[Prompt] = []
         if cfg.prompts.eval_path:
@@ -383,13 +390,14 @@ class OnlineSource:
         return metrics
 
     def state_dict(self) -> dict:
-        state = {"sampler": self.sampler.state_dict()}
+        state = {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
         if self.replay is not None:
             state["replay"] = self.replay.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
         if self.replay is not None and "replay" in state:  # a run switched to 'mix' starts with an empty buffer
             self.replay.load_state_dict(state["replay"])
 
