@@ -183,13 +183,16 @@ def subplots(ncols: int, width: float):
     return plt.subplots(1, ncols, figsize=(width, 4.5))
 
 
-def save_figure(fig, axes, out: Path, xlabel: str, log_x: bool = False) -> None:
-    """Grid, legend and x label on every panel, then the PNG."""
+def save_figure(fig, axes, out: Path, xlabel: str, log_x: bool = False, ticks=None) -> None:
+    """Grid, legend and x label (and `ticks`, labelled as numbers) on every panel, then the PNG."""
     import matplotlib.pyplot as plt
 
     for ax in axes:
         if log_x:
             ax.set_xscale("log")
+        if ticks is not None:
+            ax.set_xticks(list(ticks), [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

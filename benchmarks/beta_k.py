@@ -80,7 +80,7 @@ def plot(runs: list[dict], out: Path) -> None:
                     marker="o", label=f"k={k}")
     for ax, title in zip(axes, ("final held-out greedy accuracy", "KL(pi_start || pi) at the end"), strict=True):
         ax.set_title(f"{title} (mean over seeds)", fontsize=10)
-    save_figure(fig, axes, out, "beta", log_x=True)
+    save_figure(fig, axes, out, "beta", log_x=True, ticks=betas)
 
 
 def main() -> None:
