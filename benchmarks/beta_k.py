@@ -11,7 +11,7 @@ start policy's), and the mean reward of the last 5 steps' samples.
 beta sets how far each update may move from pi_ref (here the sampling policy: `algo.reference: old_policy`,
 the paper's Algorithm 1): the optimum of one step is pi_ref * exp(R / beta) / Z.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/beta_k.py     # ~10 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/beta_k.py     # 9 min on 2 cores
 
 Writes benchmarks/results/beta_k/{table.md, beta_k.png, runs.jsonl}; a rerun keeps the runs in runs.jsonl
 (--fresh: start over).

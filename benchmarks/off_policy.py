@@ -25,7 +25,7 @@ Tabular part: `megatron_gvpo.experiments.tabular` (configs/tabular_optimum.yaml)
 reference, tempered (pi_ref at T=1.5), their mixture and uniform, GVPO and GRPO, 3 seeds: KL(pi || pi*)
 after 1500 Adam steps, where pi* is the paper's closed-form optimum.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/off_policy.py     # ~15 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/off_policy.py     # 9 min on 2 cores
 
 Writes benchmarks/results/off_policy/{table.md, off_policy.png, runs.jsonl, tabular/}; a rerun keeps the runs
 in runs.jsonl (--fresh: start over).

@@ -20,7 +20,7 @@ Seeds: run.seed 1, 2, 3 (what is sampled and the prompt order; the start policy 
 seeded, so a run reproduces exactly on the same machine; across machines, expect differences of a few
 held-out prompts (float summation order).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stability.py     # ~30 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stability.py     # 24 min on 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stability.py --algorithms gvpo --lrs 2e-4 --seeds 1
 
 Writes benchmarks/results/stability/{table.md, stability.png, runs.jsonl}. A rerun keeps the runs already in
