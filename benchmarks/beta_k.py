@@ -24,18 +24,7 @@ import time
 from pathlib import Path
 
 from _common import REPO_ROOT, RESULTS, publish
-from _rl import (
-    RunLog,
-    bench_start,
-    markdown_table,
-    mean_std,
-    provenance,
-    rl_run,
-    save_figure,
-    shared_server,
-    subplots,
-    sweep_parser,
-)
+import _rl
 
 OUT = RESULTS / "beta_k"
 RUNS = REPO_ROOT / "runs/benchmarks/beta_k"
@@ -56,22 +45,22 @@ def report(runs: list[dict]) -> str:
     lines = [
         "# GVPO's beta and group size k: held-out accuracy and KL to the start policy",
         "",
-        provenance("beta_k.py", runs) + f" lr {LR:g}; {STEPS} steps of 128 samples (128 / k prompts). Mean ± std "
+        _rl.provenance("beta_k.py", runs) + f" lr {LR:g}; {STEPS} steps of 128 samples (128 / k prompts). Mean ± std "
         "over seeds.",
         "",
     ]
     cells = {(b, k): [r for r in runs if r["beta"] == b and r["k"] == k] for b in betas for k in ks}
-    lines += markdown_table(
+    lines += _rl.markdown_table(
         ["beta", "k", "final greedy accuracy", "final pass@4", "KL to start", "reward, last 5 steps"],
-        ([f"{b:g}", str(k), mean_std(r["final_greedy"] for r in rs), mean_std(r["final_pass"] for r in rs),
-          mean_std((r["kl_to_start"] for r in rs), pct=False), mean_std(r["reward_last"] for r in rs)]
+        ([f"{b:g}", str(k), _rl.mean_std(r["final_greedy"] for r in rs), _rl.mean_std(r["final_pass"] for r in rs),
+          _rl.mean_std((r["kl_to_start"] for r in rs), pct=False), _rl.mean_std(r["reward_last"] for r in rs)]
          for (b, k), rs in cells.items() if rs))
     lines += ["", "![accuracy and KL to the start policy against beta, one line per k](beta_k.png)", ""]
     return "\n".join(lines)
 
 
 def plot(runs: list[dict], out: Path) -> None:
-    fig, axes = subplots(2, 11)
+    fig, axes = _rl.subplots(2, 11)
     betas = sorted({r["beta"] for r in runs})
     for k in sorted({r["k"] for r in runs}):
         for ax, key in zip(axes, ("final_greedy", "kl_to_start"), strict=True):
@@ -80,24 +69,24 @@ def plot(runs: list[dict], out: Path) -> None:
                     marker="o", label=f"k={k}")
     for ax, title in zip(axes, ("final held-out greedy accuracy", "KL(pi_start || pi) at the end"), strict=True):
         ax.set_title(f"{title} (mean over seeds)", fontsize=10)
-    save_figure(fig, axes, out, "beta", log_x=True, ticks=betas)
+    _rl.save_figure(fig, axes, out, "beta", log_x=True, ticks=betas)
 
 
 def main() -> None:
-    parser = sweep_parser(__doc__.split("\n\n")[0], OUT, SEEDS)
+    parser = _rl.sweep_parser(__doc__.split("\n\n")[0], OUT, SEEDS)
     parser.add_argument("--betas", nargs="+", type=float, default=list(BETAS))
     parser.add_argument("--ks", nargs="+", type=int, default=list(KS))
     args = parser.parse_args()
-    log = RunLog(args.out / "runs.jsonl", fresh=args.fresh)
+    log = _rl.RunLog(args.out / "runs.jsonl", fresh=args.fresh)
     t0 = time.perf_counter()
-    start = bench_start()
+    start = _rl.bench_start()
     todo = [(beta, k, seed) for seed in args.seeds for beta in args.betas for k in args.ks
             if f"beta{beta:g}_k{k}_seed{seed}" not in log]
     if todo:
-        with shared_server(RUNS / "logs", [f"model.path={start}"]) as url:
+        with _rl.shared_server(RUNS / "logs", [f"model.path={start}"]) as url:
             for i, (beta, k, seed) in enumerate(todo, 1):
                 name = f"beta{beta:g}_k{k}_seed{seed}"
-                result = rl_run(url, RUNS / name, overrides(beta, k, seed, start))
+                result = _rl.rl_run(url, RUNS / name, overrides(beta, k, seed, start))
                 log.add({"name": name, "beta": beta, "k": k, "seed": seed, **result})
                 print(f"[{i}/{len(todo)}] {name}: held-out greedy {result['start_greedy']:.1%} -> "
                       f"{result['final_greedy']:.1%}, KL to start {result['kl_to_start']:.3f}, "

@@ -40,19 +40,7 @@ import time
 from pathlib import Path
 
 from _common import RESULTS, REPO_ROOT, publish
-from _rl import (
-    RunLog,
-    base_config,
-    bench_start,
-    markdown_table,
-    mean_std,
-    provenance,
-    rl_run,
-    save_figure,
-    shared_server,
-    subplots,
-    sweep_parser,
-)
+import _rl
 
 OUT = RESULTS / "off_policy"
 RUNS = REPO_ROOT / "runs/benchmarks/off_policy"
@@ -81,10 +69,11 @@ def make_datasets(url: str, paths: dict[str, Path]) -> None:
     from megatron_gvpo.rollout.base import SamplingParams
     from megatron_gvpo.rollout.sglang import SGLangClient
     from megatron_gvpo.train import load_tokenizer
+    from megatron_gvpo.utils.files import write_text_atomically
 
     if all(p.is_file() for p in paths.values()):
         return
-    cfg = base_config([])
+    cfg = _rl.base_config([])
     tokenizer = load_tokenizer(cfg)
     prompts, _ = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer)
     client = SGLangClient([url], timeout_s=cfg.rollout.request_timeout_s)
@@ -104,9 +93,7 @@ def make_datasets(url: str, paths: dict[str, Path]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"prompt_ids": list(p.ids), "responses": [{"ids": ids, "reward": r} for ids, r in group]}
                 for p, group in zip(prompts, samples[name], strict=True)]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        tmp.replace(path)
+        write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def dataset_reward(path: Path) -> float:
@@ -167,7 +154,7 @@ def report(runs: list[dict], rewards: dict[str, float], tabular_table: str) -> s
     lines = [
         "# Off-policy data: GVPO on fixed datasets from other policies vs on-policy",
         "",
-        provenance("off_policy.py", runs) + f" lr {LR:g}; {STEPS} steps of 16 groups of 8. Fixed datasets (drawn "
+        _rl.provenance("off_policy.py", runs) + f" lr {LR:g}; {STEPS} steps of 16 groups of 8. Fixed datasets (drawn "
         "once from the start policy): mean reward "
         + ", ".join(f"{name} {value:.1%}" for name, value in rewards.items()) + ".",
         "",
@@ -176,10 +163,11 @@ def report(runs: list[dict], rewards: dict[str, float], tabular_table: str) -> s
         "",
     ]
     cells = {(s, m): [r for r in runs if r["source"] == s and r["method"] == m] for s in SOURCES for m in METHODS}
-    lines += markdown_table(
+    lines += _rl.markdown_table(
         ["training data", "method", "final accuracy", "change", "KL to start"],
-        ([LABELS[s], METHOD_LABELS[m], mean_std(r["final_greedy"] for r in rs),
-          mean_std(r["final_greedy"] - r["start_greedy"] for r in rs), mean_std((r["kl_probe"] for r in rs), pct=False)]
+        ([LABELS[s], METHOD_LABELS[m], _rl.mean_std(r["final_greedy"] for r in rs),
+          _rl.mean_std(r["final_greedy"] - r["start_greedy"] for r in rs),
+          _rl.mean_std((r["kl_probe"] for r in rs), pct=False)]
          for (s, m), rs in cells.items() if rs))
     lines += ["", "![held-out accuracy during training](off_policy.png)", "",
               "## Tabular problem: distance to the closed-form optimum from each sampling distribution", "",
@@ -188,7 +176,7 @@ def report(runs: list[dict], rewards: dict[str, float], tabular_table: str) -> s
 
 
 def plot(runs: list[dict], out: Path) -> None:
-    fig, axes = subplots(len(METHODS), 16)
+    fig, axes = _rl.subplots(len(METHODS), 16)
     for ax, method in zip(axes, METHODS, strict=True):
         for source in SOURCES:
             rs = [r for r in runs if r["source"] == source and r["method"] == method]
@@ -199,17 +187,17 @@ def plot(runs: list[dict], out: Path) -> None:
             ax.plot(steps, mean, marker="o", label=LABELS[source])
         ax.set_title(f"{METHOD_LABELS[method]}: held-out greedy accuracy (mean over seeds)", fontsize=10)
         ax.set_ylim(0, 1)
-    save_figure(fig, axes, out, "step")
+    _rl.save_figure(fig, axes, out, "step")
 
 
 def main() -> None:
-    args = sweep_parser(__doc__.split("\n\n")[0], OUT, SEEDS).parse_args()
-    log = RunLog(args.out / "runs.jsonl", fresh=args.fresh)
+    args = _rl.sweep_parser(__doc__.split("\n\n")[0], OUT, SEEDS).parse_args()
+    log = _rl.RunLog(args.out / "runs.jsonl", fresh=args.fresh)
     t0 = time.perf_counter()
-    start = bench_start()
+    start = _rl.bench_start()
     data = {name: RUNS / "data" / f"{name}.jsonl" for name in SOURCES[1:]}
     todo = [(s, m, seed) for seed in args.seeds for s in SOURCES for m in METHODS if f"{s}_{m}_seed{seed}" not in log]
-    with shared_server(RUNS / "logs", [f"model.path={start}"]) if todo else contextlib.nullcontext() as url:
+    with _rl.shared_server(RUNS / "logs", [f"model.path={start}"]) if todo else contextlib.nullcontext() as url:
         if todo:
             make_datasets(url, data)  # first: the server still holds the start policy
             probe = KLProbe(start, data["start"])
@@ -218,7 +206,7 @@ def main() -> None:
             offline = [] if source == "online" else [
                 "rollout.source=offline", f"data.path={data[source]}", "rollout.eval_offline=true",
                 "data.max_prompt_tokens=20", "data.max_response_tokens=12"]
-            result = rl_run(url, RUNS / name, common(start, method, seed) + offline)
+            result = _rl.rl_run(url, RUNS / name, common(start, method, seed) + offline)
             result["kl_probe"] = probe.kl(RUNS / name)
             log.add({"name": name, "source": source, "method": method, "seed": seed, **result})
             print(f"[{i}/{len(todo)}] {name}: held-out greedy {result['start_greedy']:.1%} -> "

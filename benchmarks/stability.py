@@ -36,18 +36,7 @@ import time
 from pathlib import Path
 
 from _common import REPO_ROOT, RESULTS, publish
-from _rl import (
-    RunLog,
-    bench_start,
-    markdown_table,
-    mean_std,
-    provenance,
-    rl_run,
-    save_figure,
-    shared_server,
-    subplots,
-    sweep_parser,
-)
+import _rl
 
 OUT = RESULTS / "stability"
 RUNS = REPO_ROOT / "runs/benchmarks/stability"
@@ -68,9 +57,7 @@ def rl_overrides(algorithm: str, lr: float, seed: int, start: Path) -> list[str]
 def sft_run(lr: float, seed: int, start: Path) -> dict:
     from megatron_gvpo.experiments.warm_start import WarmStartConfig, warm_start
 
-    from _rl import base_config
-
-    cfg = base_config([])
+    cfg = _rl.base_config([])
     assets = Path(cfg.prompts.path).parent
     t0 = time.perf_counter()
     optimizer_steps = STEPS * cfg.train.optimizer_steps_per_rollout
@@ -94,7 +81,7 @@ def report(runs: list[dict]) -> str:
     lines = [
         "# Stability: GVPO vs GRPO vs Dr. GRPO over learning rates, beside supervised training",
         "",
-        provenance("stability.py", runs) + f" Each RL run: {STEPS} rollout steps of {2 * BATCH // 8} prompts x 8 "
+        _rl.provenance("stability.py", runs) + f" Each RL run: {STEPS} rollout steps of {2 * BATCH // 8} prompts x 8 "
         f"samples, 2 optimizer steps of {BATCH} (Adam, 4 warm-up steps, then constant), one seeded SGLang server, "
         "held-out greedy accuracy on 128 prompts. SFT: the same optimizer steps and sequences per step, "
         f"cross-entropy on generated problems. Start accuracies measured: {', '.join(f'{s:.1%}' for s in starts)} "
@@ -108,14 +95,15 @@ def report(runs: list[dict]) -> str:
     ]
 
     def rl_only(m, values):
-        return mean_std(values, pct=False) if m != "sft" else "n/a"
+        return _rl.mean_std(values, pct=False) if m != "sft" else "n/a"
 
     cells = {(m, lr): [r for r in runs if r["algorithm"] == m and r["lr"] == lr] for m in methods for lr in lrs}
-    lines += markdown_table(
+    lines += _rl.markdown_table(
         ["method", "lr", "final accuracy", "change", "collapsed", "grad-norm spread", "zero-grad steps",
          "KL to start"],
-        ([LABELS[m], f"{lr:g}", mean_std(r["final_greedy"] for r in rs),
-          mean_std(r["final_greedy"] - r["start_greedy"] for r in rs), f"{sum(r['collapsed'] for r in rs)}/{len(rs)}",
+        ([LABELS[m], f"{lr:g}", _rl.mean_std(r["final_greedy"] for r in rs),
+          _rl.mean_std(r["final_greedy"] - r["start_greedy"] for r in rs),
+          f"{sum(r['collapsed'] for r in rs)}/{len(rs)}",
           rl_only(m, [r.get("grad_norm_max_over_median") for r in rs]),
           rl_only(m, [r.get("zero_gradient_steps") for r in rs]), rl_only(m, [r.get("kl_to_start") for r in rs])]
          for (m, lr), rs in cells.items() if rs))
@@ -131,14 +119,14 @@ def report(runs: list[dict]) -> str:
                 ", ".join(f"{lr:g}" for lr in stable) or "none"]
 
     lines += ["", "Over the whole sweep:", ""]
-    lines += markdown_table(["method", "runs collapsed", "mean final accuracy", "best lr (mean final accuracy)",
+    lines += _rl.markdown_table(["method", "runs collapsed", "mean final accuracy", "best lr (mean final accuracy)",
                              "rates with no collapse"], map(overall, methods))
     lines += ["", "![accuracy, collapse and gradient-norm spread against the learning rate](stability.png)", ""]
     return "\n".join(lines)
 
 
 def plot(runs: list[dict], out: Path) -> None:
-    fig, axes = subplots(3, 16)
+    fig, axes = _rl.subplots(3, 16)
     lrs = sorted({r["lr"] for r in runs})
     for m in (*ALGORITHMS, "sft"):
         rs = [r for r in runs if r["algorithm"] == m]
@@ -163,25 +151,25 @@ def plot(runs: list[dict], out: Path) -> None:
               "gradient-norm spread (max / median step)")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title, fontsize=10)
-    save_figure(fig, axes, out, "learning rate", log_x=True)
+    _rl.save_figure(fig, axes, out, "learning rate", log_x=True)
 
 
 def main() -> None:
-    parser = sweep_parser(__doc__.split("\n\n")[0], OUT, SEEDS)
+    parser = _rl.sweep_parser(__doc__.split("\n\n")[0], OUT, SEEDS)
     parser.add_argument("--algorithms", nargs="+", default=[*ALGORITHMS, "sft"], choices=[*ALGORITHMS, "sft"])
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
     args = parser.parse_args()
-    log = RunLog(args.out / "runs.jsonl", fresh=args.fresh)
+    log = _rl.RunLog(args.out / "runs.jsonl", fresh=args.fresh)
     t0 = time.perf_counter()
-    start = bench_start()  # built on the first run (~2 min)
+    start = _rl.bench_start()  # built on the first run (~2 min)
     todo = [(m, lr, seed) for seed in args.seeds for lr in args.lrs for m in args.algorithms
             if f"{m}_lr{lr:g}_seed{seed}" not in log]
     needs_server = any(m != "sft" for m, _, _ in todo)
-    with shared_server(RUNS / "logs", [f"model.path={start}"]) if needs_server else contextlib.nullcontext() as url:
+    with _rl.shared_server(RUNS / "logs", [f"model.path={start}"]) if needs_server else contextlib.nullcontext() as url:
         for i, (m, lr, seed) in enumerate(todo, 1):
             name = f"{m}_lr{lr:g}_seed{seed}"
             result = (sft_run(lr, seed, start) if m == "sft"
-                      else rl_run(url, RUNS / name, rl_overrides(m, lr, seed, start)))
+                      else _rl.rl_run(url, RUNS / name, rl_overrides(m, lr, seed, start)))
             log.add({"name": name, "algorithm": m, "lr": lr, "seed": seed, **result})
             print(f"[{i}/{len(todo)}] {name}: held-out greedy {result['start_greedy']:.1%} -> "
                   f"{result['final_greedy']:.1%}{' (collapsed)' if result['collapsed'] else ''}, "

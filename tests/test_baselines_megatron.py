@@ -15,7 +15,7 @@ import torch
 from megatron_gvpo.algo import dr_grpo_loss, group_advantages, grpo_loss
 from megatron_gvpo.models.arch import arch_from_hf
 from megatron_gvpo.models.hf_maps import hf_to_megatron
-from tests.test_gvpo_megatron import SEQ, assemble, make_batch, run_on_megatron
+from tests.test_gvpo_megatron import SEQ, assert_matches_reference, make_batch, run_on_megatron
 from tests.test_megatron_model import tiny_hf_model
 
 CLIP = 0.2
@@ -90,15 +90,7 @@ def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs,
     ratio = torch.exp(hf_token_logprobs(tiny_hf_model("llama", False), batch) - batch["old_token_logp"])
     assert ((ratio - 1).abs() > CLIP)[batch["loss_mask"]].float().mean() > 0.2  # clipping is exercised
     results = gloo.run(tp * pp * dp, policy_gradient_run, batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused)
-    losses = [loss for loss, _, _ in results if loss is not None]
-    assert len(losses) == tp * dp
-    for loss in losses:
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-    got = assemble(results, tp)
-    assert set(got) == set(ref)
-    for name, want in ref.items():
-        err = float((got[name][: want.shape[0]] - want).abs().max() / want.abs().max().clamp(min=1e-12))
-        assert err < 1e-5, f"{name}: max |grad - ref| / max |ref| = {err:.2e} ({tp=} {pp=} {vpp=} {dp=} {mbs=})"
+    assert_matches_reference(results, tp, dp, ref_loss, ref, f"{algorithm} {tp=} {pp=} {vpp=} {dp=} {mbs=} {fused=}")
 
 
 def token_logprobs_run(batch, tp, pp, mbs):

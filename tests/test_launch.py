@@ -9,8 +9,8 @@
   rejects the plan aborts with its exit code and output.
 - The run itself (`launch.run`, --local) on stand-in processes: servers awaited on /health, SIGUSR1 forwarded to
   the trainer, the trainer's exit status returned, servers stopped; a server dying at start-up aborts.
-- bash -n and shellcheck on every launch/*.sh, hadolint on the Dockerfile (the linters come from
-  requirements/test.txt; missing ones fail the test).
+- bash -n and shellcheck on .ci/run and every *.sh in launch/, tools/ and benchmarks/, hadolint on the
+  Dockerfile (the linters come from requirements/test.txt; missing ones fail the test).
 """
 
 import json
@@ -368,9 +368,13 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "launch").glob("*.sh")))
-def test_launch_scripts_lint(script):
-    path = REPO / "launch" / script
+SHELL_SCRIPTS = [".ci/run", *sorted(str(p.relative_to(REPO)) for d in ("launch", "tools", "benchmarks")
+                                    for p in (REPO / d).glob("*.sh"))]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_scripts_lint(script):
+    path = REPO / script
     assert os.access(path, os.X_OK), f"{path} is not executable"
     done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

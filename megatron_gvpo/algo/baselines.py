@@ -70,9 +70,7 @@ def grpo_loss(
     _check_tokens(token_logp=token_logp, old_token_logp=old_token_logp, response_mask=response_mask)
     if advantages.shape != token_logp.shape[:1]:
         raise ValueError(f"advantages must be [B]={token_logp.shape[0]}, got shape {tuple(advantages.shape)}")
-    if kl_coef and ref_token_logp is None:
-        raise ValueError("kl_coef > 0 needs ref_token_logp")
-    if kl_coef:
+    if kl_coef and ref_token_logp is not None:
         _check_tokens(token_logp=token_logp, ref_token_logp=ref_token_logp)
     mask = response_mask.to(token_logp.dtype)
     per_token = clipped_policy_gradient(token_logp, old_token_logp, advantages.unsqueeze(-1).expand_as(token_logp),

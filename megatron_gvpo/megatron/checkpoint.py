@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megatron_gvpo.megatron.engine import MegatronEngine
 from megatron_gvpo.megatron.model import unwrap
 from megatron_gvpo.models.hf_io import HF_ASSETS_DIR, copy_hf_assets
+from megatron_gvpo.utils.files import write_text_atomically
 
 _LATEST = "latest"
 _STATE = "trainer_state.pt"
@@ -188,9 +189,7 @@ def save_checkpoint(engine: MegatronEngine, directory: str | Path, step: int, tr
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        pointer_tmp = directory / (_LATEST + ".tmp")
-        pointer_tmp.write_text(final.name + "\n")
-        os.replace(pointer_tmp, directory / _LATEST)
+        write_text_atomically(directory / _LATEST, final.name + "\n")
     dist.barrier()
     return final
 

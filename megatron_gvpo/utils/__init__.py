@@ -1,1 +1,1 @@
-"""Small shared utilities: logging and metrics, process-group start-up."""
+"""Small shared utilities: logging and metrics, process-group start-up, atomic file writes."""

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from megatron_gvpo.utils.files import write_text_atomically
+
 _warned: set[str] = set()
 
 
@@ -70,9 +72,7 @@ def _wandb_run_id(run_dir: Path, resuming: bool) -> tuple[str, bool]:
     if resuming and path.is_file():
         return path.read_text().strip(), True
     run_id = secrets.token_hex(4)  # W&B run ids: lowercase letters and digits
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(run_id)
-    os.replace(tmp, path)
+    write_text_atomically(path, run_id)
     return run_id, False
 
 
@@ -93,9 +93,7 @@ class MetricsSink:
             lines = path.read_text().splitlines(keepends=True)
             kept = [line for line in lines if _step(line) <= resume_step]
             self._wandb_after = max((s for s in map(_step, lines) if math.isfinite(s)), default=0)
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            write_text_atomically(path, "".join(kept))
         self._file = open(path, "a" if resume_step > 0 else "w")
         if tensorboard:
             try:
