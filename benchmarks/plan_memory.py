@@ -1,11 +1,15 @@
 """The planner's memory estimate (`megatron_gvpo.plan`) against the measured peak of the same training on CPU.
 
 What it measures: configs/tiny_cpu.yaml (and wider / longer variants of it, so one lucky point proves nothing),
-one process. PyTorch's profiler with `profile_memory` records every tensor allocation (the allocating op's
-self memory) and every free; their running sum, from before the engine is built through the forward-only
-log-prob pass and the optimizer steps of the first rollout step (which also allocate Adam's state), is the
-process's tensor memory over time, and its maximum the measured peak. The estimate is the planner's total for
-the same config on `cluster.gpu: cpu` (no reserve: there is no CUDA context). Goal: within 20%.
+one process; the tensor-parallel variants in two, each measured, the larger peak reported. PyTorch's profiler
+with `profile_memory` records every tensor allocation and free with its address, from before the engine is
+built through the forward-only log-prob pass and the optimizer steps of the first rollout step (which also
+allocate Adam's state); the running sum of the live blocks is the process's tensor memory over time, and its
+maximum the measured peak. The profiler records only the frees of the threads it profiles, and gloo's worker
+threads free the buffers of asynchronous collectives (sequence parallelism's all-gathers and reduce-scatters):
+a block whose address is allocated again must have been freed in between, so it is counted as freed there, at
+the latest (an upper bound on the peak). The estimate is the planner's total for the same config on
+`cluster.gpu: cpu` (no reserve: there is no CUDA context). Goal: within 20%.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/plan_memory.py    # ~1 min; writes benchmarks/results/...
 """
@@ -13,7 +17,7 @@ the same config on `cluster.gpu: cpu` (no reserve: there is no CUDA context). Go
 from __future__ import annotations
 
 import datetime
-import itertools
+import json
 import socket
 import tempfile
 from pathlib import Path
@@ -28,6 +32,12 @@ VARIANTS = {
     "sequences of 64 tokens": ["model.seq_length=64", "data.max_response_tokens=40"],
     "wider model (d=512, 8 layers)": ["model.path={assets}/wide.json"],
     "full recomputation": ["train.recompute=full"],
+    # Two processes (gloo), each measured; the larger peak is reported.
+    "TP 2, micro-batches of 32": ["parallel.tp=2", "cluster.gpus_per_node=2", "train.micro_batch_size=32",
+                                  "train.global_batch_size=64"],
+    "TP 2 with sequence parallelism, micro-batches of 32": [
+        "parallel.tp=2", "parallel.sequence_parallel=true", "cluster.gpus_per_node=2", "train.micro_batch_size=32",
+        "train.global_batch_size=64"],
 }
 
 
@@ -48,12 +58,47 @@ def measured_peak(cfg) -> float:
     destroy_parallel()
     del engine
     torch.distributed.destroy_process_group()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    return max(itertools.accumulate(e.self_cpu_memory_usage for e in events))
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")  # the only export that keeps each block's address
+        trace = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    blocks = sorted((e["ts"], e["args"]["Ev Idx"], e["args"]["Addr"], e["args"]["Bytes"])
+                    for e in trace if e.get("name") == "[memory]")
+    live: dict[int, int] = {}
+    current = peak = 0
+    for _, _, addr, nbytes in blocks:
+        if addr in live:  # freed (by this thread: nbytes < 0; unrecorded, by another: reallocated)
+            current -= live.pop(addr)
+        if nbytes > 0:
+            live[addr] = nbytes
+            current += nbytes
+            peak = max(peak, current)
+    return peak
+
+
+def _rank_peak(rank: int, world: int, port: int, cfg, peaks) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    peaks[rank] = measured_peak(cfg)
+
+
+def peak_over_ranks(cfg) -> float:
+    """`measured_peak` in each of the config's processes (one per parallel rank); the largest."""
+    if cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp == 1:
+        return measured_peak(cfg)
+    import torch.multiprocessing as mp
+
+    from megatron_gvpo.utils.distributed import free_port
+
+    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp
+    with mp.Manager() as manager:
+        peaks = manager.dict()
+        mp.spawn(_rank_peak, args=(world, free_port(), cfg, peaks), nprocs=world)
+        return max(peaks.values())
 
 
 def main() -> None:
-    import json
 
     from megatron_gvpo.config import Config, load_config
     from megatron_gvpo.data.addition import make_tiny_assets
@@ -71,15 +116,17 @@ def main() -> None:
             f"run.dir={work / 'run'}", f"model.tokenizer={work / 'tokenizer'}", f"data.path={work / 'train.jsonl'}",
             "run.resume=false", *(o.format(assets=work) for o in overrides)])
         estimate = plan(cfg).trainer_memory_gb
-        peak = measured_peak(cfg) / 1e9
+        peak = peak_over_ranks(cfg) / 1e9
         rows.append((name, estimate, peak))
         print(f"{name}: estimate {estimate['total'] * 1e3:.1f} MB, measured peak {peak * 1e3:.1f} MB")
     lines = [
         "# Planner memory estimate vs measured peak (CPU)",
         "",
         f"Generated by `benchmarks/plan_memory.py` on {socket.gethostname()}, {datetime.date.today().isoformat()}. "
-        "Measured: the running sum of every tensor allocation and free (PyTorch profiler, `profile_memory`) from "
-        "building the engine through the first rollout step (log-prob pass, optimizer steps); its maximum. "
+        "Measured: the running sum of the live tensor blocks (PyTorch profiler, `profile_memory`, allocations and "
+        "frees by address; a block whose address is reallocated counts as freed there, since gloo's threads free "
+        "the buffers of asynchronous collectives unrecorded) from building the engine through the first rollout "
+        "step (log-prob pass, optimizer steps); its maximum, on the rank with the largest. "
         "Estimate: `megatron_gvpo.plan` for the same config (`cluster.gpu: cpu`, Megatron's local layer spec, no "
         "reserve). Goal: estimate within 20% of the measured peak.",
         "",

@@ -203,6 +203,10 @@ class ParallelConfig:
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B); None disables interleaving."""
     cp: int = 1
     """Context-parallel size (splits each sequence; needs Transformer Engine)."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism: with tp > 1, the activations outside the tensor-parallel matmuls (norms,
+    residuals) are split over the TP ranks instead of replicated, for the same communication volume; rows are
+    then padded to a multiple of tp tokens. No effect at tp = 1."""
     world_size: int | None = None
     """Expected number of processes; None takes it from the launcher. DP = world_size / (tp * pp * cp)."""
 

@@ -10,7 +10,8 @@ The model is deliberately simple and states its assumptions (`Hardware`, `EFFICI
   with `model.fp8_param_gather`), fp32 gradient buffers (the engine reduces gradients in fp32), Adam's fp32
   moments and master weights (sharded over DP with the distributed optimizer), a reference copy for
   `algo.reference` frozen/refresh, and activations: the tensors a Megatron layer keeps for backward, per token
-  (`activation_elements_per_token`), times the micro-batches in flight on the first stage (1F1B keeps up to PP,
+  (`activation_elements_per_token`; sequence parallelism splits the ones TP alone replicates), times the
+  micro-batches in flight on the first stage (1F1B keeps up to PP,
   interleaving a little more). A fixed reserve (`Hardware.reserve_gb`) covers the CUDA context, NCCL buffers
   and fragmentation.
 - Memory per rollout GPU: the server's weight shard, and what is left for SGLang's KV cache at
@@ -116,20 +117,22 @@ def model_params(arch) -> int:
     return arch.num_layers * layer_params(arch) + embedding * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
 
 
-def activation_elements_per_token(arch, tp: int, flash: bool, seq_length: int) -> float:
-    """Elements one Megatron transformer layer keeps for backward per token (no sequence parallelism, no
-    recomputation): the two norms' inputs and the QKV and fc1 inputs (replicated over TP); per TP shard the
-    rotated q, k, v, the attention output, the projection input, fc1's gate|up output and SwiGLU's output.
+def activation_elements_per_token(arch, tp: int, flash: bool, seq_length: int,
+                                  sequence_parallel: bool = False) -> float:
+    """Elements one Megatron transformer layer keeps for backward per token (no recomputation): the two norms'
+    inputs and the QKV and fc1 inputs (replicated over TP, split over it by sequence parallelism); per TP shard
+    the rotated q, k, v, the attention output, the projection input, fc1's gate|up output and SwiGLU's output.
     Megatron's local spec (no Transformer Engine, the CPU path) keeps more: its unfused RMSNorm also keeps the
     normalised input, its attention repeats K and V to every query head and keeps the attention scores and
     probabilities (heads / tp x seq_length per token)."""
     h, kv, f = arch.hidden_size, arch.num_query_groups * arch.head_dim, arch.ffn_hidden_size
     q = arch.num_attention_heads * arch.head_dim
     sharded = (q + 2 * kv) + q + q + 2 * f + f
+    replicated = (4 if flash else 6) * h / (tp if sequence_parallel else 1)
     if flash:
-        return 4 * h + sharded / tp
+        return replicated + sharded / tp
     local = 2 * (q - kv) + 2 * arch.num_attention_heads * seq_length
-    return 6 * h + (sharded + local) / tp
+    return replicated + (sharded + local) / tp
 
 
 def weight_sync_seconds(weight_bytes: float, hw: Hardware, *, trainer_tp: int, across_nodes: bool) -> dict:
@@ -149,15 +152,48 @@ def weight_sync_seconds(weight_bytes: float, hw: Hardware, *, trainer_tp: int, a
 
 def plan(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None) -> Plan:
     """The plan for `cfg` on `nodes` x `gpus_per_node` GPUs (default: cfg.cluster); raises PlanError."""
+    lay = _layout(cfg, nodes or cfg.cluster.nodes, gpus_per_node or cfg.cluster.gpus_per_node)
+    out = Plan()
+    _ranks(cfg, lay, out)
+    _trainer_memory(cfg, lay, out)
+    rollout = _rollout(cfg, lay, out)
+    _step_time(cfg, lay, rollout, out)
+    return out
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the sections share: the hardware, the model and the parallel layout on this cluster."""
+
+    hw: Hardware
+    arch: object
+    nodes: int
+    gpn: int
+    trainer_gpus: int
+    dp: int
+    servers: int
+    colocated: bool
+    online: bool
+    micro_batches: int
+    """Per DP rank and optimizer step."""
+    tokens_mb: float
+    """Tokens of one micro-batch on one CP rank."""
+    dtype_bytes: int
+    gpu_params: float
+    """Parameters per trainer GPU on pipeline stage 0."""
+    embedding: int
+    """Padded vocabulary x hidden size."""
+
+
+def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
+    """Check that the layout can run on the cluster (PlanError with the reason) and derive what the sections
+    share."""
     from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import load_hf_config
 
     c, p, t, r = cfg.cluster, cfg.parallel, cfg.train, cfg.rollout
-    nodes = nodes or c.nodes
-    gpn = gpus_per_node or c.gpus_per_node
     if c.gpu not in HARDWARE:
         raise PlanError(f"cluster.gpu={c.gpu!r} is not in the planner's table: {sorted(HARDWARE)}")
-    hw = HARDWARE[c.gpu]
     if c.rollout_nodes >= nodes:
         raise PlanError(f"cluster.rollout_nodes={c.rollout_nodes} leaves none of the {nodes} nodes to the trainer")
     arch = arch_from_hf(load_hf_config(cfg.model.path))
@@ -169,7 +205,6 @@ def plan(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None
     if trainer_gpus % model_parallel:
         raise PlanError(f"{trainer_gpus} trainer GPUs ({nodes - c.rollout_nodes} nodes x {gpn}) are not a multiple "
                         f"of parallel.tp * parallel.pp * parallel.cp = {model_parallel}")
-    dp = trainer_gpus // model_parallel
     try:
         from megatron_gvpo.megatron.model import transformer_config
 
@@ -182,20 +217,35 @@ def plan(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None
     if arch.num_attention_heads % r.server_tp:
         raise PlanError(f"rollout.server_tp={r.server_tp} must divide num_attention_heads={arch.num_attention_heads}")
 
-    out = Plan()
-    w = out.lines.append
+    dp = trainer_gpus // model_parallel
     colocated = c.rollout_nodes == 0
-    online = r.source != "offline"
-    server_gpus = (c.rollout_nodes if not colocated else nodes) * gpn
-    servers = server_gpus // r.server_tp
-    w(f"# Plan: {cfg.model.path} on {nodes} nodes x {gpn} {c.gpu}")
+    embedding = padded_vocab_size(arch.vocab_size, p.tp) * arch.hidden_size
+    layers = arch.num_layers // p.pp * layer_params(arch)
+    output_layer = 0 if arch.tie_word_embeddings else embedding
+    stage_params = layers + embedding + output_layer if p.pp == 1 else max(layers + embedding, layers + output_layer)
+    return _Layout(
+        hw=HARDWARE[c.gpu], arch=arch, nodes=nodes, gpn=gpn, trainer_gpus=trainer_gpus, dp=dp,
+        servers=(c.rollout_nodes if not colocated else nodes) * gpn // r.server_tp, colocated=colocated,
+        online=r.source != "offline", micro_batches=t.global_batch_size // (t.micro_batch_size * dp),
+        tokens_mb=t.micro_batch_size * cfg.model.seq_length / p.cp,
+        dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype],
+        gpu_params=stage_params / p.tp, embedding=embedding,
+    )
+
+
+def _ranks(cfg: Config, lay: _Layout, out: Plan) -> None:
+    c, p, r = cfg.cluster, cfg.parallel, cfg.rollout
+    arch, gpn, trainer_gpus = lay.arch, lay.gpn, lay.trainer_gpus
+    w = out.lines.append
+    w(f"# Plan: {cfg.model.path} on {lay.nodes} nodes x {gpn} {c.gpu}")
     w("")
     w("## Ranks")
-    trainer_nodes = nodes - c.rollout_nodes
+    trainer_nodes = lay.nodes - c.rollout_nodes
     span = "node 0" if trainer_nodes == 1 else f"nodes 0-{trainer_nodes - 1}"
     vpp = f" (VPP {p.vpp})" if p.vpp else ""
-    w(f"trainer: {span}, {trainer_gpus} ranks = TP {p.tp} x CP {p.cp} x DP {dp} x PP {p.pp}{vpp}; rank = node * "
-      f"{gpn} + local GPU; Megatron's order tp-cp-dp-pp: TP and CP groups are consecutive ranks inside a node, "
+    sp = " with sequence parallelism" if p.sequence_parallel and p.tp > 1 else ""
+    w(f"trainer: {span}, {trainer_gpus} ranks = TP {p.tp}{sp} x CP {p.cp} x DP {lay.dp} x PP {p.pp}{vpp}; rank = "
+      f"node * {gpn} + local GPU; Megatron's order tp-cp-dp-pp: TP and CP groups are consecutive ranks inside a node, "
       f"pipeline stages {trainer_gpus // p.pp} ranks apart")
     for stage in range(p.pp):
         first = stage * trainer_gpus // p.pp
@@ -203,53 +253,53 @@ def plan(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None
         span = f"node {first // gpn}" if first // gpn == last // gpn else f"nodes {first // gpn}-{last // gpn}"
         w(f"  stage {stage}: ranks {first}-{last} ({span}), layers "
           f"{stage * arch.num_layers // p.pp}-{(stage + 1) * arch.num_layers // p.pp - 1}")
-    where = "on the trainer's GPUs (colocated)" if colocated else f"on nodes {nodes - c.rollout_nodes}-{nodes - 1}"
-    if online:
-        w(f"rollout: {servers} SGLang servers x TP {r.server_tp} {where}, {gpn // r.server_tp} per node; a "
+    where = ("on the trainer's GPUs (colocated)" if lay.colocated
+             else f"on nodes {lay.nodes - c.rollout_nodes}-{lay.nodes - 1}")
+    if lay.online:
+        w(f"rollout: {lay.servers} SGLang servers x TP {r.server_tp} {where}, {gpn // r.server_tp} per node; a "
           "router on the first rollout node")
 
-    # ---- memory per trainer GPU (the first stage holds the embedding and the most micro-batches in flight)
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype]
-    layers_per_stage = arch.num_layers // p.pp
-    padded_vocab = padded_vocab_size(arch.vocab_size, p.tp)
-    embedding = padded_vocab * arch.hidden_size
-    layers = layers_per_stage * layer_params(arch)
-    output_layer = 0 if arch.tie_word_embeddings else embedding
-    stage_params = layers + embedding + output_layer if p.pp == 1 else max(layers + embedding, layers + output_layer)
-    gpu_params = stage_params / p.tp
-    weight_bytes = 1 if cfg.model.fp8_param_gather else dtype_bytes
-    optimizer_bytes = 8 + (4 if dtype_bytes != 4 else 0)  # Adam moments, fp32 master weights
-    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
-    in_flight = min(p.pp, micro_batches) if p.pp > 1 else 1
+
+def _trainer_memory(cfg: Config, lay: _Layout, out: Plan) -> None:
+    """Memory per trainer GPU on pipeline stage 0, which holds the embedding and the most micro-batches in
+    flight."""
+    c, p, t = cfg.cluster, cfg.parallel, cfg.train
+    arch, hw, gpu_params = lay.arch, lay.hw, lay.gpu_params
+    weight_bytes = 1 if cfg.model.fp8_param_gather else lay.dtype_bytes
+    optimizer_bytes = 8 + (4 if lay.dtype_bytes != 4 else 0)  # Adam moments, fp32 master weights
+    in_flight = min(p.pp, lay.micro_batches) if p.pp > 1 else 1
     if p.vpp:
-        in_flight = min(micro_batches * p.vpp, p.pp + (p.pp - 1) / p.vpp)
+        in_flight = min(lay.micro_batches * p.vpp, p.pp + (p.pp - 1) / p.vpp)
     impl = cfg.model.transformer_impl  # 'auto' is Transformer Engine (flash attention) on GPUs, local on CPU
     flash = impl == "transformer_engine" or (impl == "auto" and c.gpu != "cpu")
-    tokens_mb = t.micro_batch_size * cfg.model.seq_length / p.cp
-    full_layer = activation_elements_per_token(arch, p.tp, flash, cfg.model.seq_length // p.cp) * tokens_mb
-    act_bytes = 2 if dtype_bytes == 2 else 4
+    layers_per_stage = arch.num_layers // p.pp
+    sp = p.sequence_parallel and p.tp > 1
+    full_layer = activation_elements_per_token(arch, p.tp, flash, cfg.model.seq_length // p.cp, sp) * lay.tokens_mb
+    act_bytes = 2 if lay.dtype_bytes == 2 else 4
     # Backward holds one more layer's worth: the gradients of the layer it is differentiating (with full
     # recomputation, that layer's rebuilt activations too).
-    if t.recompute == "full":  # each layer keeps its input
-        activations = (arch.hidden_size * tokens_mb * layers_per_stage * in_flight + 2 * full_layer) * act_bytes
+    if t.recompute == "full":  # each layer keeps its input (its share of the sequence, with SP)
+        layer_input = arch.hidden_size * lay.tokens_mb / (p.tp if sp else 1)
+        activations = (layer_input * layers_per_stage * in_flight + 2 * full_layer) * act_bytes
     else:
         activations = full_layer * (layers_per_stage * in_flight + 1) * act_bytes
     mem = {
         "weights": gpu_params * weight_bytes,
         "gradients (fp32)": gpu_params * 4,
-        "optimizer (Adam, fp32)": gpu_params * optimizer_bytes / (dp if t.distributed_optimizer else 1),
-        "reference copy": gpu_params * dtype_bytes if cfg.algo.reference != "old_policy" else 0.0,
+        "optimizer (Adam, fp32)": gpu_params * optimizer_bytes / (lay.dp if t.distributed_optimizer else 1),
+        "reference copy": gpu_params * lay.dtype_bytes if cfg.algo.reference != "old_policy" else 0.0,
         "activations": activations,
         "reserve": hw.reserve_gb * GB,
     }
     out.trainer_memory_gb = {k: v / GB for k, v in mem.items()}
     total = sum(mem.values())
     out.trainer_memory_gb["total"] = total / GB
+    w = out.lines.append
     w("")
     w(f"## Memory per trainer GPU (pipeline stage 0, {gpu_params / 1e6:,.1f} M parameters per GPU)")
     for k, v in out.trainer_memory_gb.items():
         w(f"  {k:<24} {_size(v)}")
-    if colocated and online:
+    if lay.colocated and lay.online:
         w("  (colocated: the servers release their memory while the trainer steps, SGLang's memory saver)")
     if total > hw.memory_gb * GB:
         raise PlanError(f"the trainer does not fit: {total / GB:.1f} GB per GPU on pipeline stage 0 > "
@@ -258,67 +308,25 @@ def plan(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None
                         "raise parallel.tp/pp, set train.recompute=full or train.distributed_optimizer=true, or "
                         "lower train.micro_batch_size or model.seq_length")
 
-    total_params = model_params(arch)
-    k = cfg.algo.group_size
-    samples = cfg.groups_per_rollout * k
-    rollout_s, decode_step, per_server, waves = 0.0, 0.0, 0.0, 0
-    if online:
-        rollout_s, decode_step, per_server, waves = _rollout(cfg, arch, hw, servers, samples, w, out)
-    else:
+
+@dataclass(frozen=True)
+class _Rollout:
+    seconds: float
+    decode_step: float
+    """Seconds of one decode step."""
+    per_server: float
+    """Sequences per server."""
+    waves: int
+
+
+def _rollout(cfg: Config, lay: _Layout, out: Plan) -> _Rollout:
+    """Memory per rollout GPU and the generation time of one rollout step (none offline)."""
+    r, c, arch, hw = cfg.rollout, cfg.cluster, lay.arch, lay.hw
+    w = out.lines.append
+    if not lay.online:
         w("")
         w("## Rollout: none (rollout.source offline: groups come from data.path)")
-
-    tokens = samples * cfg.model.seq_length
-    attention = 2 * arch.num_layers * cfg.model.seq_length * arch.num_attention_heads * arch.head_dim  # causal
-    fwd_per_token = 2 * (total_params - embedding) + attention + 2 * embedding  # output head; lookup is free
-    compute_peak = (hw.fp8_tflops * EFFICIENCY["fp8_gemm"] if cfg.model.fp8 else hw.bf16_tflops * EFFICIENCY["gemm"]
-                    ) * 1e12
-    fwd = fwd_per_token * tokens / trainer_gpus / compute_peak
-    bubble = (p.pp - 1) / (micro_batches * (p.vpp or 1))
-    # Without sequence parallelism a layer all-reduces its output twice forward and twice backward.
-    allreduce = 2 * (p.tp - 1) / p.tp * tokens_mb * arch.hidden_size * act_bytes / (hw.nvlink_gbps * GB
-                                                                                    * EFFICIENCY["link"])
-    tp_comm = (0 if p.tp == 1 else 4 * layers_per_stage * allreduce * micro_batches)
-    dp_link = hw.nvlink_gbps if p.tp * p.cp * dp <= gpn else hw.nic_gbps
-    dp_comm = 0 if dp == 1 else 2 * (dp - 1) / dp * gpu_params * 4 / (dp_link * GB * EFFICIENCY["link"])
-    logprob_passes = 1 + (cfg.algo.reference != "old_policy")
-    logprob_s = logprob_passes * (fwd + tp_comm / 2) * (1 + bubble)
-    passes = 4 if t.recompute == "full" else 3  # forward, backward (2x), and the recomputed forward
-    passes += cfg.algo.group_strategy == "prepass"  # a forward-only pass for the group means
-    train_s = (passes * fwd + tp_comm * passes / 3) * (1 + bubble) + dp_comm * t.optimizer_steps_per_rollout
-    sync = weight_sync_seconds(total_params * 2, hw, trainer_tp=p.tp, across_nodes=not colocated)
-    if not online:
-        sync = dict.fromkeys(sync, 0.0)
-    out.seconds = {"rollout": rollout_s, "log-probs": logprob_s, "train": train_s, "weight sync": sync["total"]}
-    step = sum(out.seconds.values())
-    out.seconds["step"] = step
-    out.mfu = 3 * fwd_per_token * tokens / (train_s * trainer_gpus * hw.bf16_tflops * 1e12)
-    w("")
-    w(f"## Time per rollout step ({cfg.groups_per_rollout} prompts x {k} samples, rows of {cfg.model.seq_length} "
-      f"tokens, responses at most {r.max_new_tokens})")
-    for name, s in out.seconds.items():
-        w(f"  {name:<24} {s:8.1f} s" + (f"  ({s / step:.0%})" if name != "step" else ""))
-    if online:
-        w(f"  rollout: {per_server:.0f} sequences per server in {waves} wave(s), a decode step "
-          f"{decode_step * 1e3:.1f} ms")
-    w(f"  train: MFU {out.mfu:.1%} of {c.gpu} dense bf16 peak (pipeline bubble {bubble:.0%}, TP traffic "
-      f"{tp_comm:.1f} s, DP gradient traffic {dp_comm:.1f} s per optimizer step)")
-    if not online:
-        return out
-    w(f"  the trainer waits for rollout {rollout_s / step:.0%} of the step"
-      + ("" if colocated else f"; the rollout nodes idle {1 - rollout_s / step:.0%}"))
-    w("")
-    w(f"## Weight sync: {total_params * 2 / GB:.0f} GB of bf16 weights, {sync['total']:.1f} s")
-    w(f"  TP gather {sync['gather']:.2f} s + broadcast {sync['broadcast']:.2f} s "
-      f"({'NIC' if not colocated else 'NVLink'}) + {math.ceil(total_params * 2 / BUCKET_BYTES)} buckets x "
-      f"{BUCKET_COST_S * 1e3:.1f} ms {sync['buckets']:.2f} s")
-    return out
-
-
-def _rollout(cfg, arch, hw: Hardware, servers: int, samples: int, w, out: Plan):
-    """Memory per rollout GPU (written to `out`) and the generation time of one rollout step: (seconds, one
-    decode step's seconds, sequences per server, waves)."""
-    r, c = cfg.rollout, cfg.cluster
+        return _Rollout(0.0, 0.0, 0.0, 0)
     total_params = model_params(arch)
     server_weights = total_params * 2 / r.server_tp  # SGLang serves bf16
     kv_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * 2 / r.server_tp
@@ -335,8 +343,9 @@ def _rollout(cfg, arch, hw: Hardware, servers: int, samples: int, w, out: Plan):
     w(f"  weights                  {_size(server_weights / GB)}")
     w(f"  kv cache                 {_size(kv_bytes / GB)} = {kv_tokens / 1e3:,.0f}k tokens per server")
 
+    samples = cfg.groups_per_rollout * cfg.algo.group_size
     prompt_len = max(cfg.model.seq_length - r.max_new_tokens, 1)
-    per_server = samples / servers
+    per_server = samples / lay.servers
     context = prompt_len + r.max_new_tokens / 2  # mean KV length over the decode
     waves = max(1, math.ceil(per_server * (prompt_len + r.max_new_tokens) / kv_tokens))
     batch = per_server / waves
@@ -344,9 +353,63 @@ def _rollout(cfg, arch, hw: Hardware, servers: int, samples: int, w, out: Plan):
     decode_step = max((server_weights + batch * context * kv_per_token) / (hw.hbm_gbps * GB * EFFICIENCY["hbm"]),
                       2 * total_params * batch / r.server_tp / peak)
     prefill = 2 * total_params * per_server * prompt_len / r.server_tp / peak
-    rollout_s = waves * r.max_new_tokens * decode_step + prefill
+    return _Rollout(waves * r.max_new_tokens * decode_step + prefill, decode_step, per_server, waves)
 
-    return rollout_s, decode_step, per_server, waves
+
+def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, out: Plan) -> None:
+    """Seconds per rollout step (generation, log-prob passes, training, weight sync) and the training MFU."""
+    c, p, t, r = cfg.cluster, cfg.parallel, cfg.train, cfg.rollout
+    arch, hw, dp = lay.arch, lay.hw, lay.dp
+    total_params = model_params(arch)
+    k = cfg.algo.group_size
+    samples = cfg.groups_per_rollout * k
+    tokens = samples * cfg.model.seq_length
+    attention = 2 * arch.num_layers * cfg.model.seq_length * arch.num_attention_heads * arch.head_dim  # causal
+    fwd_per_token = 2 * (total_params - lay.embedding) + attention + 2 * lay.embedding  # output head; lookup free
+    compute_peak = (hw.fp8_tflops * EFFICIENCY["fp8_gemm"] if cfg.model.fp8 else hw.bf16_tflops * EFFICIENCY["gemm"]
+                    ) * 1e12
+    fwd = fwd_per_token * tokens / lay.trainer_gpus / compute_peak
+    bubble = (p.pp - 1) / (lay.micro_batches * (p.vpp or 1))
+    # Without sequence parallelism a layer all-reduces its output twice forward and twice backward; with it, an
+    # all-gather and a reduce-scatter take the place of each all-reduce, moving the same bytes.
+    act_bytes = 2 if lay.dtype_bytes == 2 else 4
+    allreduce = 2 * (p.tp - 1) / p.tp * lay.tokens_mb * arch.hidden_size * act_bytes / (hw.nvlink_gbps * GB
+                                                                                        * EFFICIENCY["link"])
+    tp_comm = (0 if p.tp == 1 else 4 * (arch.num_layers // p.pp) * allreduce * lay.micro_batches)
+    dp_link = hw.nvlink_gbps if p.tp * p.cp * dp <= lay.gpn else hw.nic_gbps
+    dp_comm = 0 if dp == 1 else 2 * (dp - 1) / dp * lay.gpu_params * 4 / (dp_link * GB * EFFICIENCY["link"])
+    logprob_passes = 1 + (cfg.algo.reference != "old_policy")
+    logprob_s = logprob_passes * (fwd + tp_comm / 2) * (1 + bubble)
+    passes = 4 if t.recompute == "full" else 3  # forward, backward (2x), and the recomputed forward
+    passes += cfg.algo.group_strategy == "prepass"  # a forward-only pass for the group means
+    train_s = (passes * fwd + tp_comm * passes / 3) * (1 + bubble) + dp_comm * t.optimizer_steps_per_rollout
+    sync = weight_sync_seconds(total_params * 2, hw, trainer_tp=p.tp, across_nodes=not lay.colocated)
+    if not lay.online:
+        sync = dict.fromkeys(sync, 0.0)
+    out.seconds = {"rollout": rollout.seconds, "log-probs": logprob_s, "train": train_s, "weight sync": sync["total"]}
+    step = sum(out.seconds.values())
+    out.seconds["step"] = step
+    out.mfu = 3 * fwd_per_token * tokens / (train_s * lay.trainer_gpus * hw.bf16_tflops * 1e12)
+    w = out.lines.append
+    w("")
+    w(f"## Time per rollout step ({cfg.groups_per_rollout} prompts x {k} samples, rows of {cfg.model.seq_length} "
+      f"tokens, responses at most {r.max_new_tokens})")
+    for name, s in out.seconds.items():
+        w(f"  {name:<24} {s:8.1f} s" + (f"  ({s / step:.0%})" if name != "step" else ""))
+    if lay.online:
+        w(f"  rollout: {rollout.per_server:.0f} sequences per server in {rollout.waves} wave(s), a decode step "
+          f"{rollout.decode_step * 1e3:.1f} ms")
+    w(f"  train: MFU {out.mfu:.1%} of {c.gpu} dense bf16 peak (pipeline bubble {bubble:.0%}, TP traffic "
+      f"{tp_comm:.1f} s, DP gradient traffic {dp_comm:.1f} s per optimizer step)")
+    if not lay.online:
+        return
+    w(f"  the trainer waits for rollout {rollout.seconds / step:.0%} of the step"
+      + ("" if lay.colocated else f"; the rollout nodes idle {1 - rollout.seconds / step:.0%}"))
+    w("")
+    w(f"## Weight sync: {total_params * 2 / GB:.0f} GB of bf16 weights, {sync['total']:.1f} s")
+    w(f"  TP gather {sync['gather']:.2f} s + broadcast {sync['broadcast']:.2f} s "
+      f"({'NIC' if not lay.colocated else 'NVLink'}) + {math.ceil(total_params * 2 / BUCKET_BYTES)} buckets x "
+      f"{BUCKET_COST_S * 1e3:.1f} ms {sync['buckets']:.2f} s")
 
 
 def _size(gb: float) -> str:

@@ -57,7 +57,7 @@ def reference_grads(algorithm, kl_coef, batch):
     return loss.item(), dict(hf_to_megatron(arch, {n: p.grad for n, p in model.named_parameters()}, arch.vocab_size))
 
 
-def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused):
+def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused, sequence_parallel=False):
     from megatron_gvpo.megatron.step import forward_backward_policy_gradient
 
     def run(chunks, ctx, logprobs):
@@ -66,31 +66,35 @@ def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused):
             length_constant=LENGTH_CONSTANT, logprobs=logprobs,
         )
 
-    return run_on_megatron(run, "llama", False, tp, pp, vpp, fused)
+    return run_on_megatron(run, "llama", False, tp, pp, vpp, fused, sequence_parallel)
 
 
 LAYOUTS = [
-    # (tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused, group sizes)
-    (1, 1, None, 1, 4, "grpo", 0.1, False, [4, 4, 4, 4]),
-    (1, 1, None, 1, 3, "dr_grpo", 0.0, False, [4, 3, 5]),
-    (2, 1, None, 1, 2, "grpo", 0.1, False, [4, 4, 4, 4]),
-    (1, 2, None, 1, 3, "dr_grpo", 0.0, False, [4, 4, 4]),
-    (1, 2, 2, 1, 2, "grpo", 0.1, False, [4, 4, 4, 4]),
-    (1, 1, None, 2, 3, "grpo", 0.1, False, [4, 3, 5, 2, 4, 6]),
-    (2, 1, None, 2, 2, "dr_grpo", 0.0, True, [4, 4, 4, 4]),
-    (1, 1, None, 1, 4, "grpo", 0.1, True, [4, 4, 4, 4]),
+    # (tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused, group sizes, sequence parallel)
+    (1, 1, None, 1, 4, "grpo", 0.1, False, [4, 4, 4, 4], False),
+    (1, 1, None, 1, 3, "dr_grpo", 0.0, False, [4, 3, 5], False),
+    (2, 1, None, 1, 2, "grpo", 0.1, False, [4, 4, 4, 4], False),
+    (1, 2, None, 1, 3, "dr_grpo", 0.0, False, [4, 4, 4], False),
+    (1, 2, 2, 1, 2, "grpo", 0.1, False, [4, 4, 4, 4], False),
+    (1, 1, None, 2, 3, "grpo", 0.1, False, [4, 3, 5, 2, 4, 6], False),
+    (2, 1, None, 2, 2, "dr_grpo", 0.0, True, [4, 4, 4, 4], False),
+    (1, 1, None, 1, 4, "grpo", 0.1, True, [4, 4, 4, 4], False),
+    (2, 1, None, 1, 2, "grpo", 0.1, False, [4, 4, 4, 4], True),
+    (2, 1, None, 2, 2, "dr_grpo", 0.0, True, [4, 4, 4, 4], True),
 ]
 
 
-@pytest.mark.parametrize("tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused, group_sizes", LAYOUTS)
+@pytest.mark.parametrize("tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused, group_sizes, sequence_parallel", LAYOUTS)
 def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs, algorithm, kl_coef, fused,
-                                                     group_sizes):
+                                                     group_sizes, sequence_parallel):
     batch = policy_gradient_batch(group_sizes)
     ref_loss, ref = reference_grads(algorithm, kl_coef, batch)
     ratio = torch.exp(hf_token_logprobs(tiny_hf_model("llama", False), batch) - batch["old_token_logp"])
     assert ((ratio - 1).abs() > CLIP)[batch["loss_mask"]].float().mean() > 0.2  # clipping is exercised
-    results = gloo.run(tp * pp * dp, policy_gradient_run, batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused)
-    assert_matches_reference(results, tp, dp, ref_loss, ref, f"{algorithm} {tp=} {pp=} {vpp=} {dp=} {mbs=} {fused=}")
+    results = gloo.run(tp * pp * dp, policy_gradient_run, batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused,
+                       sequence_parallel)
+    assert_matches_reference(results, tp, dp, ref_loss, ref,
+                             f"{algorithm} {tp=} {pp=} {vpp=} {dp=} {mbs=} {fused=} {sequence_parallel=}")
 
 
 def token_logprobs_run(batch, tp, pp, mbs):

@@ -58,6 +58,8 @@ def reference(gloo):
         (2, ["train.distributed_optimizer=true"]),
         (4, ["parallel.tp=2", "parallel.pp=2", "algo.group_strategy=prepass"]),
         (4, ["parallel.pp=2", "parallel.vpp=2", "algo.group_strategy=allgather", "train.micro_batch_size=2"]),
+        (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.fused_logprobs=true"]),
+        (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true", "train.distributed_optimizer=true"]),
     ],
 )
 def test_same_run_at_every_layout(gloo, reference, world, overrides):
@@ -148,6 +150,8 @@ def _engine_for(overrides, total_steps=4):
     [
         (["parallel.tp=2"], ["parallel.tp=2"]),
         (["parallel.tp=2"], ["parallel.pp=2"]),
+        # Sequence parallelism changes activations, not parameters: its checkpoints resume without it.
+        (["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.tp=2"]),
         (["parallel.pp=2", "train.distributed_optimizer=true"], ["parallel.tp=2", "train.distributed_optimizer=true"]),
         # A frozen reference is a second copy of the model in the same checkpoint.
         (["algo.reference=frozen"], ["algo.reference=frozen", "parallel.tp=2"]),
@@ -220,7 +224,8 @@ def test_baselines_give_the_same_run_at_every_layout(gloo, algorithm):
     assert len({round(h[1], 6) for h in reference}) == len(reference)
     keys = reference[0][4]
     assert "old_token_logp" in keys and ("ref_token_logp" in keys) == ("algo.kl_coef=0.05" in algorithm)
-    for world, layout in [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]), (2, ["train.distributed_optimizer=true"])]:
+    for world, layout in [(2, ["parallel.tp=2"]), (2, ["parallel.pp=2"]), (2, ["train.distributed_optimizer=true"]),
+                          (2, ["parallel.tp=2", "parallel.sequence_parallel=true"])]:
         overrides = [*algorithm, *layout]
         for rank_history in gloo.run(world, baseline_run, overrides):
             for step, (got, want) in enumerate(zip(rank_history, reference, strict=True)):

@@ -18,15 +18,16 @@ BETA = 0.3
 SEQ = 10
 
 
-def make_batch(group_sizes, seed=0):
-    """Rows of contiguous groups: 3-token prompts, responses of 2..7 tokens, right padding, one group with
-    all-equal rewards, and reference log-probs that differ from the policy's so the beta term matters."""
+def make_batch(group_sizes, seed=0, seq=SEQ):
+    """Rows of `seq` tokens in contiguous groups: 3-token prompts, responses of 2..seq-3 tokens, right padding,
+    one group with all-equal rewards, and reference log-probs that differ from the policy's so the beta term
+    matters."""
     g = torch.Generator().manual_seed(seed)
     n = sum(group_sizes)
-    tokens = torch.randint(1, 97, (n, SEQ), generator=g)
-    response = torch.zeros(n, SEQ, dtype=torch.bool)
+    tokens = torch.randint(1, 97, (n, seq), generator=g)
+    response = torch.zeros(n, seq, dtype=torch.bool)
     for i in range(n):
-        length = int(torch.randint(2, SEQ - 3 + 1, (1,), generator=g))
+        length = int(torch.randint(2, seq - 3 + 1, (1,), generator=g))
         response[i, 3 : 3 + length] = True
         tokens[i, 3 + length :] = 0
     targets, loss_mask = make_targets(tokens, response)
@@ -53,21 +54,22 @@ def reference_grads(model_type, tied, batch):
     return float(loss), dict(hf_to_megatron(arch, grads, arch.vocab_size))
 
 
-def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes, fused=False):
+def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes, fused=False,
+                       sequence_parallel=False, seq=SEQ):
     """Every rank: build its chunks, load HF weights, wrap in Megatron DDP, run forward_backward_gvpo; return
     the loss (last stage) and this rank's full-vocab-trimmed gradient shards by global name."""
     from megatron_gvpo.megatron.step import forward_backward_gvpo
 
     def run(chunks, ctx, logprobs):
-        batch = make_batch(group_sizes)
+        batch = make_batch(group_sizes, seq=seq)
         check_group_layout(batch["group_ids"], ctx.dp_size, mbs, strategy)
         return forward_backward_gvpo(chunks, batch, ctx, micro_batch_size=mbs, beta=BETA, strategy=strategy,
                                      logprobs=logprobs)
 
-    return run_on_megatron(run, model_type, tied, tp, pp, vpp, fused)
+    return run_on_megatron(run, model_type, tied, tp, pp, vpp, fused, sequence_parallel)
 
 
-def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False):
+def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False, sequence_parallel=False):
     """Every rank: build its chunks from `tiny_hf_model`'s weights, wrap them in Megatron DDP and call
     `run(chunks, ctx, logprobs)` (a forward-backward pass returning {"loss", ...} or None); return the loss
     (last stage), the TP rank and this rank's gradient shards by global name."""
@@ -75,7 +77,7 @@ def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False):
 
     from megatron_gvpo.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.model import build_gpt_model, return_hidden_states, transformer_config
+    from megatron_gvpo.megatron.model import build_gpt_model, return_hidden_states, token_multiple, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.megatron.step import LogprobSpec
     from megatron_gvpo.megatron.weights import global_named_parameters, load_hf_weights
@@ -86,7 +88,7 @@ def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False):
         hf_model = tiny_hf_model(model_type, tied)
         arch = arch_from_hf(hf_model.config)
         padded = padded_vocab_size(arch.vocab_size, tp)
-        config = transformer_config(arch, tp=tp, pp=pp, vpp=vpp)
+        config = transformer_config(arch, tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel)
         chunks = [
             build_gpt_model(arch, config, padded_vocab_size=padded, max_sequence_length=64,
                             pre_process=ctx.is_first_stage(v), post_process=ctx.is_last_stage(v),
@@ -108,7 +110,7 @@ def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False):
             c.zero_grad_buffer()
         # The fused head as the engine runs it: the output weight's gradient straight into DDP's main_grad.
         logprobs = LogprobSpec(tp_group=ctx.tp_group, vocab_size=arch.vocab_size, chunk_size=5, fused=fused,
-                               main_grad_accumulation=fused)
+                               main_grad_accumulation=fused, pad_multiple=token_multiple(config))
         out = run(chunks, ctx, logprobs)
         grads = {}
         for chunk in chunks:
@@ -194,6 +196,28 @@ def test_fused_logprob_head_gives_the_same_gradient(gloo, model_type, tied, tp, 
     results = gloo.run(tp * pp * dp, megatron_grads_run, model_type, tied, tp, pp, None, mbs, strategy,
                        group_sizes, True)
     assert_matches_reference(results, tp, dp, ref_loss, ref, f"{model_type} {tied=} {tp=} {pp=} {dp=} {mbs=}")
+
+
+@pytest.mark.parametrize(
+    "model_type, tied, tp, pp, dp, mbs, strategy, fused, seq",
+    [
+        ("llama", False, 2, 1, 1, 4, "group_atomic", False, SEQ),
+        ("llama", False, 2, 1, 1, 2, "prepass", False, 9),  # rows padded to a multiple of TP
+        ("llama", False, 2, 2, 1, 2, "prepass", False, SEQ),
+        ("llama", False, 2, 1, 2, 2, "allgather", True, 9),
+        ("qwen2", True, 2, 1, 1, 4, "group_atomic", True, SEQ),
+        ("qwen2", True, 2, 2, 1, 4, "group_atomic", False, 9),
+    ],
+)
+def test_sequence_parallel_gives_the_same_gradient(gloo, model_type, tied, tp, pp, dp, mbs, strategy, fused, seq):
+    """Sequence parallelism splits each row over the TP ranks between the tensor-parallel matmuls: loss and
+    every gradient (the norms', summed over the TP ranks, included) still equal the HF reference, with the
+    logits head and the fused head (which gathers the sequence first)."""
+    group_sizes = [4, 4, 4, 4]
+    ref_loss, ref = reference_grads(model_type, tied, make_batch(group_sizes, seq=seq))
+    results = gloo.run(tp * pp * dp, megatron_grads_run, model_type, tied, tp, pp, None, mbs, strategy,
+                       group_sizes, fused, True, seq)
+    assert_matches_reference(results, tp, dp, ref_loss, ref, f"{model_type} {tied=} {tp=} {pp=} {dp=} {fused=}")
 
 
 def test_tied_embeddings_across_pipeline_stages(gloo):

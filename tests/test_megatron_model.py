@@ -182,3 +182,16 @@ def test_layout_errors_name_the_fields():
         transformer_config(arch, pp=3, vpp=2)
     with pytest.raises(ValueError, match="Transformer Engine layer spec was requested"):
         transformer_config(arch, use_te=True)
+
+
+def test_sequence_parallelism_needs_tensor_parallelism():
+    """At TP 1 there is nothing to split the sequence over: the flag is ignored, as Megatron-LM's arguments do,
+    and rows need no padding; at TP 2 rows must be a multiple of 2 tokens."""
+    from megatron_gvpo.megatron.model import token_multiple, transformer_config
+
+    arch = arch_from_hf(tiny_hf_config("llama", False))
+    alone = transformer_config(arch, tp=1, sequence_parallel=True)
+    assert not alone.sequence_parallel and token_multiple(alone) == 1
+    config = transformer_config(arch, tp=2, sequence_parallel=True)
+    assert config.sequence_parallel and token_multiple(config) == 2
+    assert token_multiple(transformer_config(arch, tp=2)) == 1

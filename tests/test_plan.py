@@ -42,7 +42,7 @@ def test_every_trainer_config_plans():
         assert result.trainer_memory_gb["total"] > 0 and result.seconds["step"] > 0, name
     out = run_plan("--config", "configs/gvpo_70b.yaml", "--nodes", "8", "--gpus-per-node", "8")
     assert out.returncode == 0, out.stderr
-    for line in ("trainer: nodes 0-3, 32 ranks = TP 8 x CP 1 x DP 1 x PP 4",
+    for line in ("trainer: nodes 0-3, 32 ranks = TP 8 with sequence parallelism x CP 1 x DP 1 x PP 4",
                  "rollout: 4 SGLang servers x TP 8 on nodes 4-7", "## Memory per trainer GPU", "kv cache",
                  "MFU", "## Weight sync: 141 GB"):
         assert line in out.stdout, line
@@ -52,7 +52,8 @@ def test_every_trainer_config_plans():
     (["parallel.tp=16"], r"parallel.tp \* parallel.cp = 16 exceeds the 8 GPUs of a node"),
     (["parallel.pp=3"], r"32 trainer GPUs .* are not a multiple of parallel.tp \* parallel.pp \* parallel.cp = 24"),
     (["parallel.vpp=3"], r"num_hidden_layers=80 must be divisible by parallel.pp \* parallel.vpp = 12"),
-    (["train.recompute=none", "train.micro_batch_size=2"], r"the trainer does not fit: .* GB per GPU"),
+    (["train.micro_batch_size=4"], r"the trainer does not fit: .* GB per GPU"),
+    (["parallel.sequence_parallel=false", "train.micro_batch_size=2"], r"the trainer does not fit: .* GB per GPU"),
     (["rollout.server_tp=3"], r"rollout.server_tp=3 must divide cluster.gpus_per_node=8"),
     (["rollout.server_tp=1"], r"an SGLang server with TP 1 does not fit"),
     (["cluster.gpu=TPU-v5"], r"cluster.gpu='TPU-v5' is not in the planner's table"),
@@ -103,6 +104,16 @@ def test_memory_terms_follow_from_the_layout():
     assert memory["optimizer (Adam, fp32)"] == pytest.approx(shard * 12 / 1e9)
     fp8 = plan(load_config(Config, REPO / "configs/gvpo_70b_fp8.yaml", [])).trainer_memory_gb
     assert fp8["weights"] == pytest.approx(memory["weights"] / 2)
-    recomputed, stored = memory["activations"], plan(load_config(
-        Config, REPO / "configs/gvpo_70b.yaml", ["train.recompute=none"])).trainer_memory_gb["activations"]
-    assert 4 < stored / recomputed < 6
+
+    def activations(sequence_parallel, recompute):
+        overrides = [f"parallel.sequence_parallel={sequence_parallel}", f"train.recompute={recompute}",
+                     "cluster.gpu=H200-SXM-141GB"]  # room for every variant
+        return plan(load_config(Config, REPO / "configs/gvpo_70b.yaml", overrides)).trainer_memory_gb["activations"]
+
+    for sp in ("true", "false"):  # full recomputation keeps one input per layer instead of ~a dozen tensors
+        assert 4 < activations(sp, "none") / activations(sp, "full") < 15, sp
+    # Sequence parallelism splits what TP alone replicates (the norms' and matmuls' inputs); the rest is split by
+    # TP either way, so stored activations shrink by less than TP.
+    assert activations("false", "none") / 8 < activations("true", "none") < activations("false", "none") / 2
+    # Recomputation keeps each layer's input: replicated without sequence parallelism, split over TP with it.
+    assert activations("false", "full") / 8 < activations("true", "full") < activations("false", "full") / 4

@@ -27,6 +27,7 @@ from megatron_gvpo.megatron.model import (
     check_attention_support,
     return_hidden_states,
     te_available,
+    token_multiple,
     transformer_config,
 )
 from megatron_gvpo.megatron.parallel import ParallelContext
@@ -58,7 +59,8 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
     check_fp8_support(cfg.model, use_te=use_te,
                       capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     config = transformer_config(
-        arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, params_dtype=DTYPES[cfg.model.dtype], use_te=use_te,
+        arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, sequence_parallel=p.sequence_parallel,
+        params_dtype=DTYPES[cfg.model.dtype], use_te=use_te,
         # Packed micro-batches differ in length: pipeline stages exchange shapes before each message.
         variable_seq_lengths=cfg.train.packing == "thd" and p.pp > 1,
         **fp8_transformer_kwargs(cfg.model),
@@ -132,7 +134,8 @@ class MegatronEngine:
         )
         self.logprobs = LogprobSpec(
             tp_group=ctx.tp_group, vocab_size=arch.vocab_size, cp_group=ctx.cp_group if ctx.cp_size > 1 else None,
-            packing=t.packing, pad_multiple=fp8_pad_multiple(cfg.model), chunk_size=t.logprob_chunk_size,
+            packing=t.packing, pad_multiple=math.lcm(fp8_pad_multiple(cfg.model), token_multiple(self.config)),
+            chunk_size=t.logprob_chunk_size,
             fused=t.fused_logprobs,
             # DDP above runs with overlap_grad_reduce=False, which this needs.
             main_grad_accumulation=t.fused_logprobs,

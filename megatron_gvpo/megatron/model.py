@@ -2,19 +2,31 @@
 
 One function translates the architecture plus the parallel layout into Megatron's `TransformerConfig`; one
 builds the model chunk of a pipeline stage. The layer spec is Transformer Engine's when TE is importable and
-asked for (production), Megatron's local spec otherwise (CPU machines). Nothing here reads Megatron's global
-parallel state: the caller says which stage it builds (`pre_process`, `post_process`, `vp_stage`).
+asked for (production), Megatron's local spec otherwise (CPU machines). The caller says which stage it builds
+(`pre_process`, `post_process`, `vp_stage`); only the layer count of a stage comes from Megatron's parallel
+state, as in GPTModel itself.
+
+Sequence parallelism (`sequence_parallel=True`, TP > 1): Megatron splits the sequence over the TP ranks
+outside the tensor-parallel matmuls (norms, residuals, dropout), so the activations that TP alone replicates
+are sharded too; the linears all-gather their input and reduce-scatter their output instead of all-reducing
+it (the same traffic). Every row (padded) or sequence (THD) must then be a multiple of TP tokens long
+(`token_multiple`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_gvpo.megatron.cpu_compat import CPU_TRANSFORMER_CONFIG
 from megatron_gvpo.models.arch import Arch
@@ -50,11 +62,13 @@ def transformer_config(
     pp: int = 1,
     vpp: int | None = None,
     cp: int = 1,
+    sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     use_te: bool = False,
     **overrides,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for `arch` on a TP x PP (x VPP) x CP layout; `overrides` win."""
+    """Megatron's TransformerConfig for `arch` on a TP x PP (x VPP) x CP layout, with sequence parallelism
+    where asked for and TP > 1 (at TP 1 there is nothing to split it over); `overrides` win."""
     if use_te and not te_available():
         raise ValueError(
             "the Transformer Engine layer spec was requested but transformer_engine does not import; install it "
@@ -91,6 +105,7 @@ def transformer_config(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
+        sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -120,6 +135,8 @@ def build_gpt_model(
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if config.sequence_parallel:
+            spec = _sequence_parallel_local_spec(spec, config, vp_stage)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -136,12 +153,65 @@ def build_gpt_model(
     )
 
 
+def token_multiple(config: TransformerConfig) -> int:
+    """Rows (padded) and sequences (THD) must be a multiple of this many tokens on each CP rank: sequence
+    parallelism splits them over the TP ranks."""
+    return config.tensor_model_parallel_size if config.sequence_parallel else 1
+
+
+class SequenceParallelNorm:
+    """torch's RMSNorm / LayerNorm for Megatron's local spec under sequence parallelism.
+
+    Each TP rank normalises only its part of the sequence, so its weight gradient is partial: Megatron's
+    `finalize_model_grads` sums the gradients of parameters marked `sequence_parallel` over the TP group, and
+    Transformer Engine's and Apex's norms mark theirs. Megatron's own torch wrapper (`WrappedTorchNorm`) does
+    not and refuses sequence parallelism instead; this is the same norm, marked."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
+        norms = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"sequence parallelism on the local spec supports {sorted(norms)}, "
+                             f"not normalization={config.normalization!r}")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _with_sequence_parallel_norms(spec):
+    """`spec` with every `WrappedTorchNorm` in its tree replaced by `SequenceParallelNorm`."""
+    if spec is WrappedTorchNorm:
+        return SequenceParallelNorm
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, submodules=_with_sequence_parallel_norms(spec.submodules))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _with_sequence_parallel_norms(getattr(spec, f.name))
+                                            for f in dataclasses.fields(spec)})
+    return spec
+
+
+def _sequence_parallel_local_spec(layer_spec: ModuleSpec, config: TransformerConfig, vp_stage: int | None):
+    """The local spec as a block of this stage's layers whose norms (the final one included, which the block
+    would otherwise take from Megatron's module-level default) support sequence parallelism."""
+    return TransformerBlockSubmodules(
+        layer_specs=[_with_sequence_parallel_norms(layer_spec)] * get_num_layers_to_build(config, vp_stage),
+        layer_norm=SequenceParallelNorm,
+    )
+
+
 def _hidden_states_passthrough(self, input_, weight=None, runtime_gather_output=None):
+    if self.sequence_parallel:
+        # What the output layer would do to its input: the whole sequence on every TP rank, each scoring it
+        # against its vocabulary shard. The fused head already sums the hidden-state gradient over the TP
+        # ranks (on scored tokens only), so backward keeps this rank's slice rather than reduce-scattering.
+        input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False,
+                                                      group=self.tp_group)
     return input_, None
 
 
 def return_hidden_states(model: GPTModel) -> None:
-    """Make a last-stage chunk return its final hidden states [b, s, h] instead of logits [b, s, V/tp].
+    """Make a last-stage chunk return its final hidden states [b, s, h] instead of logits [b, s, V/tp]
+    (the whole sequence, gathered from the TP ranks under sequence parallelism).
 
     For the fused log-prob head (`megatron_gvpo.ops.fused_linear_logprobs`), which multiplies by the output
     weight chunk by chunk so the [tokens, vocab] logits never exist. Only the output layer's `forward` is
