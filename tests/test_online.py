@@ -161,7 +161,11 @@ def test_online_loop_with_a_real_server_resumes_replays_and_survives_a_server_cr
     assert len(kl) == 2 and kl[1] > 0  # measured at steps 2 and 4, on step 1's samples kept in the checkpoint
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     # Started by the first run, by the resumed one, and once more after the crash.
-    assert (tmp_path / "logs" / "sglang_0.log").read_text().count("The server is fired up") == 3
+    log = (tmp_path / "logs" / "sglang_0.log").read_text()
+    assert log.count("The server is fired up") == 3
+    # The restarted server gets the retried step-3 sync and step 4's, one bucket each: the recovery itself
+    # reloads nothing when the failed work was a sync.
+    assert log.rsplit("The server is fired up", 1)[1].count("POST /update_weights_from_distributed") == 2
 
 
 def online_command(run_dir, assets, steps):

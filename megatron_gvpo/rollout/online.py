@@ -185,7 +185,7 @@ class OnlineSource:
         self.urls = _on_rank0(self._start_servers, hf_dir)
         self._connect()
         if self.r.urls:  # attached servers hold whatever they were started with (the launcher: random weights)
-            self._resilient(lambda: self._sync(self.version))
+            self._resilient(lambda: self._sync(self.version), reload_weights=False)
 
     def _start_servers(self, hf_dir: Path) -> list[str]:
         from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
@@ -226,19 +226,20 @@ class OnlineSource:
             self.weights.connect()
 
     # ------------------------------------------------------------------------------------------------
-    def _resilient(self, work):
+    def _resilient(self, work, *, reload_weights: bool = True):
         """Collective: work() (collective); when it fails with a RolloutError, restart this run's dead servers
-        (`_recover`) and do it again."""
+        (`_recover`, which reloads the trainer's weights into them unless the work is itself a weight sync that
+        is about to be retried) and do it again."""
         while True:
             try:
                 return work()
             except RolloutError as error:
-                self._recover(error)
+                self._recover(error, reload_weights)
 
-    def _recover(self, error: RolloutError) -> None:
-        """Collective: restart the servers this run started that died, reconnect the weight sync and load the
-        trainer's current weights into them; re-raise `error` when there is nothing to restart or the restart
-        budget is spent."""
+    def _recover(self, error: RolloutError, reload_weights: bool = True) -> None:
+        """Collective: restart the servers this run started that died, reconnect the weight sync and (with
+        `reload_weights`) load the trainer's current weights into them; re-raise `error` when there is nothing
+        to restart or the restart budget is spent."""
         from megatron_gvpo.utils.logging import get_logger
 
         outcome = self._restart_dead_servers(error) if self.rank0 else None
@@ -254,7 +255,8 @@ class OnlineSource:
                 pass
         self.urls = urls
         self._connect()
-        self._sync(self.version)
+        if reload_weights:
+            self._sync(self.version)
 
     def _restart_dead_servers(self, error: RolloutError) -> tuple[list[str] | None, str | None]:
         from megatron_gvpo.rollout.sglang import health
@@ -348,7 +350,7 @@ class OnlineSource:
     def sync_weights(self, step: int) -> float:
         """Collective: the trainer's current weights into every server as version `step-<step>`; seconds."""
         t0 = time.perf_counter()
-        self._resilient(lambda: self._sync(version(step)))
+        self._resilient(lambda: self._sync(version(step)), reload_weights=False)
         return time.perf_counter() - t0
 
     def _sync(self, new: str) -> None:

@@ -231,11 +231,15 @@ class SGLangServer(SupervisedProcess):
     def environment(self) -> dict[str, str]:
         env = {**os.environ, **self.cfg.env}
         if self.cfg.custom_logit_processor:  # the seeded sampler is passed by reference (rollout/seeded.py)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+            _prepend_path(env, REPO_ROOT)
         if not _cuda_available():
             env.setdefault("OMP_NUM_THREADS", "1")  # torch_native attention stalls with 2 threads on 2 cores
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_STUBS), env.get("PYTHONPATH", "")) if p)
+            _prepend_path(env, CPU_STUBS)
         return env
+
+
+def _prepend_path(env: dict[str, str], path) -> None:
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH", "")) if p)
 
 
 def _http(url: str, payload: dict | None, timeout_s: float) -> dict | list:
