@@ -41,11 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "convert_memory.md"
-for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from _common import RESULTS, publish  # before the project: puts the repository on sys.path
+
+DEFAULT_OUT = RESULTS / "convert_memory.md"
 
 FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
             num_key_value_heads=4, vocab_size=32000)
@@ -172,7 +170,6 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    from logprob_memory import publish
 
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
     shape = QUICK if args.quick else FULL

@@ -32,21 +32,17 @@ import argparse
 import datetime
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "fused_head_memory.md"
+from _common import RESULTS, publish  # before the project: puts the repository on sys.path
+
+DEFAULT_OUT = RESULTS / "fused_head_memory.md"
 GOAL_RATIO = 0.25
 
-for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-from logprob_memory import measure_memory, publish, validate_memory_measurement  # noqa: E402
+from logprob_memory import measure_memory, validate_memory_measurement  # noqa: E402
 
 from megatron_gvpo.ops import fused_linear_logprobs, vocab_parallel_logprobs  # noqa: E402
 

@@ -33,7 +33,6 @@ import argparse
 import datetime
 import gc
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -45,16 +44,12 @@ import torch.distributed as dist
 from torch._C._autograd import DeviceType, _KinetoEvent
 from torch.profiler import ProfilerActivity, profile
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "logprob_memory.md"
+from _common import REPO_ROOT, RESULTS, publish  # before the project: puts the repository on sys.path
+
+DEFAULT_OUT = RESULTS / "logprob_memory.md"
 MAX_ABS_DIFF = 1e-3
 GOAL = "goal: ours <= 1.1x with entropy, input untouched"
 
-try:
-    import megatron_gvpo  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(REPO_ROOT))
-from _common import publish  # noqa: E402,F401 - other benchmarks import it from here too
 from megatron_gvpo.ops import vocab_parallel_logprobs  # noqa: E402
 from megatron_gvpo.utils.distributed import free_port  # noqa: E402
 

@@ -24,16 +24,13 @@ import datetime
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "rollout_throughput.md"
-for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from _common import RESULTS, publish  # before the project: puts the repository on sys.path
+
+DEFAULT_OUT = RESULTS / "rollout_throughput.md"
 
 from weight_sync import QUICK, build_model  # noqa: E402
 
@@ -69,7 +66,6 @@ def main() -> None:
     import torch
     import transformers
 
-    from logprob_memory import publish
     from megatron_gvpo.rollout.base import SamplingParams
     from megatron_gvpo.rollout.sglang import SGLangClient, SGLangServer, SGLangServerConfig
 

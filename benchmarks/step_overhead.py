@@ -51,15 +51,13 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "step_overhead.md"
+from _common import RESULTS, publish  # before the project: puts the repository on sys.path
+
+DEFAULT_OUT = RESULTS / "step_overhead.md"
 GOAL = "goal: gvpo <= 1.05x of sft; prepass reported separately"
 
-for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
-from logprob_memory import measure_memory, publish, validate_memory_measurement  # noqa: E402
+from logprob_memory import measure_memory, validate_memory_measurement  # noqa: E402
 
 FULL = dict(hidden=256, layers=4, heads=4, kv_heads=2, ffn=512, vocab=8192, rows=16, seq=256, mbs=4, group=4,
             repeats=5)

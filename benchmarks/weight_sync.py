@@ -34,16 +34,13 @@ import os
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "weight_sync.md"
-for p in (REPO_ROOT, REPO_ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from _common import RESULTS, publish  # before the project: puts the repository on sys.path
+
+DEFAULT_OUT = RESULTS / "weight_sync.md"
 
 FULL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
             num_key_value_heads=4, vocab_size=16000)
@@ -136,7 +133,6 @@ def main() -> None:
     import safetensors.torch
     import torch
 
-    from logprob_memory import publish
     from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
     from megatron_gvpo.rollout.weight_sync import (
         DistributedWeightSync,
