@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import struct
+import time
 
 import pytest
 
@@ -95,23 +96,38 @@ def test_tensorboard_hides_the_steps_a_resumed_run_logs_again(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
-def wandb_records(run_dir):
-    """(run id, config, [(step, {key: value})]) of each W&B run file under run_dir, oldest first. The file is
-    W&B's record log: a 7-byte header, then 32 KiB blocks of records (crc32, length, type: 1 whole, 2 first,
-    3 middle, 4 last fragment), each a serialized `wandb_internal_pb2.Record`."""
+def wandb_records(run_dir, runs_expected, timeout_s=60.0):
+    """(run id, config, [(step, {key: value})]) of each W&B run file under run_dir, oldest first, once each of
+    the `runs_expected` files ends with its exit record: W&B's service process may still be writing a file
+    after `finish()` has returned (seen on a loaded CI machine: a resumed run's file read too early had no run
+    record yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = _wandb_run_files(run_dir)
+        if (len(runs) == runs_expected and all(finished for *_, finished in runs)) or time.monotonic() > deadline:
+            return [run[:3] for run in runs]
+        time.sleep(0.1)
+
+
+def _wandb_run_files(run_dir):
+    """(run id, config, history, finished) of each run file. The file is W&B's record log: a 7-byte header,
+    then 32 KiB blocks of records (crc32, length, type: 1 whole, 2 first, 3 middle, 4 last fragment), each a
+    serialized `wandb_internal_pb2.Record`; `finish()` writes the exit record last."""
     from wandb.proto import wandb_internal_pb2
 
     runs = []
     for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         data = path.read_bytes()
         assert data[:4] == b":W&B", path
-        run_id, config, history = None, {}, []
+        run_id, config, history, finished = None, {}, [], False
         pos, fragments = 7, b""
         while pos + 7 <= len(data):
             if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
                 pos += 32768 - pos % 32768
                 continue
             _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if pos + 7 + length > len(data):  # still being written
+                break
             fragments += data[pos + 7:pos + 7 + length]
             pos += 7 + length
             if kind not in (1, 4):
@@ -126,7 +142,9 @@ def wandb_records(run_dir):
                 items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item}
                 history.append((record.history.step.num, {k: v for k, v in items.items() if not k.startswith("_")}))
-        runs.append((run_id, config, history))
+            elif record.WhichOneof("record_type") == "exit":
+                finished = True
+        runs.append((run_id, config, history, finished))
     return runs
 
 
@@ -143,7 +161,7 @@ def test_wandb_receives_the_numeric_values_and_a_resume_continues_its_run(tmp_pa
         resumed.log(step, {"loss": 10.0 * step})
     resumed.close()
 
-    (first_id, config, first), (second_id, _, second) = wandb_records(tmp_path)
+    (first_id, config, first), (second_id, _, second) = wandb_records(tmp_path, 2)
     assert first_id == second_id == (tmp_path / "wandb_run_id").read_text()
     assert config["algo"] == {"beta": 0.1}
     assert first == [(step, {"loss": float(step)}) for step in range(1, 6)]  # strings stay in the jsonl only
