@@ -14,7 +14,8 @@ per TP rank before any softmax.
 
 Tensor parallelism: `hidden` is replicated over the TP group (the input of Megatron's column-parallel output
 layer), so its gradient is all-reduced over `tp_group` in backward, as Megatron's
-`copy_to_tensor_model_parallel_region` would. Sequence parallelism is not supported.
+`copy_to_tensor_model_parallel_region` would. Under sequence parallelism the model gathers the sequence before
+this head (`megatron.model.return_hidden_states`), so `hidden` is replicated here too.
 """
 
 from __future__ import annotations
