@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,7 +103,8 @@ class SupervisedProcess:
         else:
             import tempfile
 
-            self.log_path = Path(tempfile.mkstemp(prefix=f"{self.name.replace('-', '_')}_", suffix=".log")[1])
+            prefix = re.sub(r"\W+", "_", self.name)  # "SGLang server" -> SGLang_server_*.log, no space to quote
+            self.log_path = Path(tempfile.mkstemp(prefix=f"{prefix}_", suffix=".log")[1])
 
     def command(self) -> list[str]:
         raise NotImplementedError
