@@ -34,6 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from megatron_gvpo.config import Config, add_config_arguments, load_config
+from megatron_gvpo.models.arch import Arch, arch_from_hf, padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class _Layout:
     """What the sections share: the hardware, the model and the parallel layout on this cluster."""
 
     hw: Hardware
-    arch: object
+    arch: Arch
     nodes: int
     gpn: int
     trainer_gpus: int
@@ -188,7 +189,6 @@ class _Layout:
 def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
     """Check that the layout can run on the cluster (PlanError with the reason) and derive what the sections
     share."""
-    from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import load_hf_config
 
     c, p, t, r = cfg.cluster, cfg.parallel, cfg.train, cfg.rollout
