@@ -179,7 +179,12 @@ class _Layout:
     """Per DP rank and optimizer step."""
     tokens_mb: float
     """Tokens of one micro-batch on one CP rank."""
+    layers_per_stage: int
+    sequence_parallel: bool
+    """Asked for and TP > 1 (at TP 1 there is nothing to split)."""
     dtype_bytes: int
+    """Bytes per weight and per activation in model.dtype."""
+    total_params: int
     gpu_params: float
     """Parameters per trainer GPU on pipeline stage 0."""
     embedding: int
@@ -220,16 +225,18 @@ def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
     dp = trainer_gpus // model_parallel
     colocated = c.rollout_nodes == 0
     embedding = padded_vocab_size(arch.vocab_size, p.tp) * arch.hidden_size
-    layers = arch.num_layers // p.pp * layer_params(arch)
+    layers_per_stage = arch.num_layers // p.pp
+    layers = layers_per_stage * layer_params(arch)
     output_layer = 0 if arch.tie_word_embeddings else embedding
     stage_params = layers + embedding + output_layer if p.pp == 1 else max(layers + embedding, layers + output_layer)
     return _Layout(
         hw=HARDWARE[c.gpu], arch=arch, nodes=nodes, gpn=gpn, trainer_gpus=trainer_gpus, dp=dp,
         servers=(c.rollout_nodes if not colocated else nodes) * gpn // r.server_tp, colocated=colocated,
         online=r.source != "offline", micro_batches=t.global_batch_size // (t.micro_batch_size * dp),
-        tokens_mb=t.micro_batch_size * cfg.model.seq_length / p.cp,
+        tokens_mb=t.micro_batch_size * cfg.model.seq_length / p.cp, layers_per_stage=layers_per_stage,
+        sequence_parallel=p.sequence_parallel and p.tp > 1,
         dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype],
-        gpu_params=stage_params / p.tp, embedding=embedding,
+        total_params=model_params(arch), gpu_params=stage_params / p.tp, embedding=embedding,
     )
 
 
@@ -243,7 +250,7 @@ def _ranks(cfg: Config, lay: _Layout, out: Plan) -> None:
     trainer_nodes = lay.nodes - c.rollout_nodes
     span = "node 0" if trainer_nodes == 1 else f"nodes 0-{trainer_nodes - 1}"
     vpp = f" (VPP {p.vpp})" if p.vpp else ""
-    sp = " with sequence parallelism" if p.sequence_parallel and p.tp > 1 else ""
+    sp = " with sequence parallelism" if lay.sequence_parallel else ""
     w(f"trainer: {span}, {trainer_gpus} ranks = TP {p.tp}{sp} x CP {p.cp} x DP {lay.dp} x PP {p.pp}{vpp}; rank = "
       f"node * {gpn} + local GPU; Megatron's order tp-cp-dp-pp: TP and CP groups are consecutive ranks inside a node, "
       f"pipeline stages {trainer_gpus // p.pp} ranks apart")
@@ -272,17 +279,15 @@ def _trainer_memory(cfg: Config, lay: _Layout, out: Plan) -> None:
         in_flight = min(lay.micro_batches * p.vpp, p.pp + (p.pp - 1) / p.vpp)
     impl = cfg.model.transformer_impl  # 'auto' is Transformer Engine (flash attention) on GPUs, local on CPU
     flash = impl == "transformer_engine" or (impl == "auto" and c.gpu != "cpu")
-    layers_per_stage = arch.num_layers // p.pp
-    sp = p.sequence_parallel and p.tp > 1
+    sp, act_bytes = lay.sequence_parallel, lay.dtype_bytes
     full_layer = activation_elements_per_token(arch, p.tp, flash, cfg.model.seq_length // p.cp, sp) * lay.tokens_mb
-    act_bytes = 2 if lay.dtype_bytes == 2 else 4
     # Backward holds one more layer's worth: the gradients of the layer it is differentiating (with full
     # recomputation, that layer's rebuilt activations too).
     if t.recompute == "full":  # each layer keeps its input (its share of the sequence, with SP)
         layer_input = arch.hidden_size * lay.tokens_mb / (p.tp if sp else 1)
-        activations = (layer_input * layers_per_stage * in_flight + 2 * full_layer) * act_bytes
+        activations = (layer_input * lay.layers_per_stage * in_flight + 2 * full_layer) * act_bytes
     else:
-        activations = full_layer * (layers_per_stage * in_flight + 1) * act_bytes
+        activations = full_layer * (lay.layers_per_stage * in_flight + 1) * act_bytes
     mem = {
         "weights": gpu_params * weight_bytes,
         "gradients (fp32)": gpu_params * 4,
@@ -327,7 +332,7 @@ def _rollout(cfg: Config, lay: _Layout, out: Plan) -> _Rollout:
         w("")
         w("## Rollout: none (rollout.source offline: groups come from data.path)")
         return _Rollout(0.0, 0.0, 0.0, 0)
-    total_params = model_params(arch)
+    total_params = lay.total_params
     server_weights = total_params * 2 / r.server_tp  # SGLang serves bf16
     kv_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * 2 / r.server_tp
     budget = hw.memory_gb * GB * SERVER_MEM_FRACTION
@@ -360,7 +365,7 @@ def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, out: Plan) -> None:
     """Seconds per rollout step (generation, log-prob passes, training, weight sync) and the training MFU."""
     c, p, t, r = cfg.cluster, cfg.parallel, cfg.train, cfg.rollout
     arch, hw, dp = lay.arch, lay.hw, lay.dp
-    total_params = model_params(arch)
+    total_params = lay.total_params
     k = cfg.algo.group_size
     samples = cfg.groups_per_rollout * k
     tokens = samples * cfg.model.seq_length
@@ -372,10 +377,9 @@ def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, out: Plan) -> None:
     bubble = (p.pp - 1) / (lay.micro_batches * (p.vpp or 1))
     # Without sequence parallelism a layer all-reduces its output twice forward and twice backward; with it, an
     # all-gather and a reduce-scatter take the place of each all-reduce, moving the same bytes.
-    act_bytes = 2 if lay.dtype_bytes == 2 else 4
-    allreduce = 2 * (p.tp - 1) / p.tp * lay.tokens_mb * arch.hidden_size * act_bytes / (hw.nvlink_gbps * GB
+    allreduce = 2 * (p.tp - 1) / p.tp * lay.tokens_mb * arch.hidden_size * lay.dtype_bytes / (hw.nvlink_gbps * GB
                                                                                         * EFFICIENCY["link"])
-    tp_comm = (0 if p.tp == 1 else 4 * (arch.num_layers // p.pp) * allreduce * lay.micro_batches)
+    tp_comm = (0 if p.tp == 1 else 4 * lay.layers_per_stage * allreduce * lay.micro_batches)
     dp_link = hw.nvlink_gbps if p.tp * p.cp * dp <= lay.gpn else hw.nic_gbps
     dp_comm = 0 if dp == 1 else 2 * (dp - 1) / dp * lay.gpu_params * 4 / (dp_link * GB * EFFICIENCY["link"])
     logprob_passes = 1 + (cfg.algo.reference != "old_policy")
