@@ -181,7 +181,7 @@ class _Layout:
     """Tokens of one micro-batch on one CP rank."""
     layers_per_stage: int
     sequence_parallel: bool
-    """Asked for and TP > 1 (at TP 1 there is nothing to split)."""
+    """In effect: asked for, and TP > 1 (`transformer_config`'s rule)."""
     dtype_bytes: int
     """Bytes per weight and per activation in model.dtype."""
     total_params: int
@@ -213,7 +213,9 @@ def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
     try:
         from megatron_gvpo.megatron.model import transformer_config
 
-        transformer_config(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp)  # Megatron's own divisibility rules
+        # Megatron's own divisibility rules, and whether sequence parallelism is in effect
+        megatron_config = transformer_config(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp,
+                                             sequence_parallel=p.sequence_parallel)
         cfg.check_world_size(trainer_gpus)
     except ValueError as e:
         raise PlanError(str(e)) from None
@@ -234,7 +236,7 @@ def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
         servers=(c.rollout_nodes if not colocated else nodes) * gpn // r.server_tp, colocated=colocated,
         online=r.source != "offline", micro_batches=t.global_batch_size // (t.micro_batch_size * dp),
         tokens_mb=t.micro_batch_size * cfg.model.seq_length / p.cp, layers_per_stage=layers_per_stage,
-        sequence_parallel=p.sequence_parallel and p.tp > 1,
+        sequence_parallel=megatron_config.sequence_parallel,
         dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype],
         total_params=model_params(arch), gpu_params=stage_params / p.tp, embedding=embedding,
     )
