@@ -3,9 +3,9 @@
     cfg = load_config(Config, "configs/tiny_cpu.yaml", overrides=["parallel.tp=2", "algo.beta=0.05"])
 
 - Unknown keys are rejected with their full path (`unknown config key 'algo.bta'; valid keys: ...`).
-- Values are type-checked against the annotations (int, float, bool, str, Literal, Optional, list, nested
-  dataclasses); an int is accepted for a float field, and so is a numeric string, because YAML 1.1 reads
-  `1e-6` (no dot) as a string. Nothing else is coerced.
+- Values are type-checked against the annotations (int, float, bool, str, Literal, Optional, list, dict with
+  string keys, Any, nested dataclasses); an int is accepted for a float field, and so is a numeric string,
+  because YAML 1.1 reads `1e-6` (no dot) as a string. Nothing else is coerced.
 - Overrides `a.b=c` parse `c` as YAML (`true`, `1e-3`, `[1, 2]`, `null`) and go through the same checks.
 - After construction each dataclass's `validate()` (if any) runs, parents after children, for cross-field
   rules; they raise ValueError naming the fields involved.
@@ -61,10 +61,16 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if value not in args:
             raise ValueError(f"{path} must be one of {list(args)}, got {value!r}")
         return value
+    if tp is Any:
+        return value
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{path} must be a list, got {value!r}")
         return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"{path} must be a mapping with string keys, got {value!r}")
+        return {k: _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{path} must be a mapping of {tp.__name__} fields, got {value!r}")
@@ -470,7 +476,8 @@ class Config:
                              f"eval_path={self.prompts.eval_path!r})")
         if self.rollout.source != "offline":
             if not self.prompts.path:
-                raise ValueError(f"rollout.source={self.rollout.source!r} needs prompts.path (a JSONL file of prompts)")
+                raise ValueError(f"rollout.source={self.rollout.source!r} needs prompts.path (a file, directory or "
+                                 "glob of prompts: JSONL, parquet, ...)")
             longest = self.prompts.max_prompt_tokens + self.rollout.max_new_tokens
             if longest > self.model.seq_length:
                 raise ValueError(

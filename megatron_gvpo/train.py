@@ -25,17 +25,22 @@ import torch
 import yaml
 
 from megatron_gvpo.config import Config, add_config_arguments, load_config, to_dict
+from megatron_gvpo.data.chat import PromptEncoder
 from megatron_gvpo.data.offline import GroupSampler, collate, load_groups
+from megatron_gvpo.utils.cli import run_main, user_errors
 from megatron_gvpo.utils.logging import MetricsSink, get_logger
 
 
+@user_errors()  # a bad config value or a missing path ends the command with one line (utils/cli.py)
 def build(cfg: Config):
     """Process groups, the model with its optimizer, and the tokenizer."""
+    from megatron_gvpo.models.hf_io import check_model_paths, hf_weights, load_hf_config
+
+    check_model_paths(cfg.model.path, cfg.model.tokenizer, cfg.model.load)  # before seconds of imports
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.engine import MegatronEngine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf
-    from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
     from megatron_gvpo.utils.distributed import init_distributed
 
     apply_cpu_compat()
@@ -66,7 +71,9 @@ class OfflineSource:
                 f"data.max_prompt_tokens + data.max_response_tokens = {data_cfg.max_seq_len()} exceeds "
                 f"model.seq_length={cfg.model.seq_length}"
             )
-        groups, self.stats = load_groups(data_cfg, tokenizer=tokenizer, vocab_size=arch.vocab_size)
+        encoder = PromptEncoder(tokenizer, cfg.prompts, arch.vocab_size) if tokenizer is not None else None
+        groups, self.stats = load_groups(data_cfg, tokenizer=tokenizer, vocab_size=arch.vocab_size,
+                                         prompt_encoder=encoder)
         self.sampler = GroupSampler(groups, cfg.groups_per_rollout, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.seq_length = cfg.model.seq_length
 
@@ -181,12 +188,13 @@ def train(cfg: Config) -> list[dict]:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if cfg.rollout.source != "offline":
-        source = OnlineSource(cfg, engine, arch, tokenizer, start)
-    else:
-        source = OfflineSource(cfg, arch, tokenizer)  # the data are checked before any server starts
-        if cfg.rollout.eval_offline:
-            source.evaluator = OnlineSource(cfg, engine, arch, tokenizer, start)
+    with user_errors():  # a missing data file or a bad row ends the command with one line (utils/cli.py)
+        if cfg.rollout.source != "offline":
+            source = OnlineSource(cfg, engine, arch, tokenizer, start)
+        else:
+            source = OfflineSource(cfg, arch, tokenizer)  # the data are checked before any server starts
+            if cfg.rollout.eval_offline:
+                source.evaluator = OnlineSource(cfg, engine, arch, tokenizer, start)
     kl = KLToStart(enabled=cfg.rollout.source != "offline")
     if state is not None:
         source.load_state_dict(state)
@@ -275,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue from the newest checkpoint in run.dir (the default, run.resume) or not")
     args = parser.parse_args(argv)
     overrides = args.overrides + ([] if args.resume is None else [f"run.resume={str(args.resume).lower()}"])
-    cfg = load_config(Config, args.config, overrides)
+    with user_errors():
+        cfg = load_config(Config, args.config, overrides)
     train(cfg)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("megatron_gvpo.train", main))

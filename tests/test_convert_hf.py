@@ -165,7 +165,7 @@ def test_bad_input_fails_naming_what_is_wrong_and_leaves_nothing(tmp_path):
 
     cases.append((hf_dir, {"tp": 3}, r"parallel\.tp=3 must divide num_attention_heads=4"))
     cases.append((hf_dir, {"pp": 3}, r"num_hidden_layers=4 must be divisible by parallel\.pp \* parallel\.vpp = 3"))
-    cases.append((tmp_path / "nowhere", {}, r"no config\.json"))
+    cases.append((tmp_path / "nowhere", {}, r"nowhere' does not exist"))
     for source, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             import_hf(source, out, progress=False, **kwargs)

@@ -193,7 +193,7 @@ def test_unfixable_inputs_always_raise(tmp_path, tok):
     path = _write(tmp_path / "d.jsonl", [GOOD_TEXT])
     with pytest.raises(ValueError, match=re.escape(f"{path}:1") + r": text row .* needs a tokenizer"):
         load_groups(_cfg(path, on_bad_row="skip"))
-    with pytest.raises(ValueError, match=r"cannot read data\.path .*missing\.jsonl"):
+    with pytest.raises(ValueError, match=r"data\.path: '.*missing\.jsonl' does not exist"):
         load_groups(_cfg(tmp_path / "missing.jsonl"), tok)
     with pytest.raises(ValueError, match=r"no usable rows"):
         load_groups(_cfg(_write(tmp_path / "e.jsonl", ["{", "[]"]), on_bad_row="skip"), tok)

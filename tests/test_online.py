@@ -39,9 +39,10 @@ def test_prompt_files_load_and_bad_rows_name_their_line(tmp_path, tok):
     prompts, stats = load_prompts(path, PromptDataConfig(prompt_add_special_tokens=False), tok, vocab_size=16)
     assert [p.ids for p in prompts] == [tuple(tok.encode("12+34=", add_special_tokens=False)), (4, 5, 13, 6, 14)]
     assert prompts[0].label == "046" and prompts[1].text == "12+3=" and stats.kept == 2
-    bad = [({"prompt": "1+2=", "extra": 1}, "extra: unknown key"), ({"label": 3}, "needs exactly one"),
+    bad = [({"label": 3}, "prompt: missing; a row needs 'prompt', 'prompt_ids' or 'messages'"),
+           ({"prompt": "1+2=", "prompt_ids": [1]}, "prompt: a row has either"),
            ({"prompt": ""}, "prompt: empty"), ({"prompt_ids": [1, 99]}, "token id 99 >= the model's vocab_size"),
-           ({"prompt": "1" * 30}, "30 tokens > prompts.max_prompt_tokens=20"), ("[1", "not JSON")]
+           ({"prompt": "1" * 30}, "30 tokens > prompts.max_prompt_tokens=20"), ("[1", "not valid JSON")]
     for row, message in bad:
         path.write_text(json.dumps(good[0]) + "\n" + (row if isinstance(row, str) else json.dumps(row)) + "\n")
         cfg = PromptDataConfig(max_prompt_tokens=20)

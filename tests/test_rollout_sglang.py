@@ -8,7 +8,9 @@ prompt order; seeded sampling on CPU (SeededGumbel) reproduces samples exactly a
 (a per-request seed the server would ignore is refused);
 finish reasons are honest ('length' when cut by max_new_tokens);
 a server that dies mid-way gives a RolloutError, and one that never becomes healthy fails within its deadline
-with the server's log.
+with the server's log. A started server's KV cache and running requests come from the run (`server_budget`,
+or the config where set) and SGLang holds exactly those; a server whose scheduler is SIGKILLed (as by the
+kernel's OOM killer) says which process died, of which signal, and the likely cause.
 """
 
 import dataclasses
@@ -217,6 +219,124 @@ def test_server_killed_mid_rollout_fails_over_or_errors(server, model_dirs, retr
     else:
         assert "groups" not in out and isinstance(out["error"], RolloutError)
         assert doomed.url in str(out["error"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resources from the run, and why a server died
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_server_budget_holds_the_largest_rollout_or_evaluation_on_one_server():
+    """Requests in flight on one server = the larger of ceil(groups / servers) x k and ceil(eval prompts /
+    servers) x eval_k; KV tokens = requests x (prompt + new tokens) x the margin; bytes = K and V of every layer."""
+    import math
+
+    from megatron_gvpo.rollout.sglang import KV_TOKENS_MARGIN, ServerBudget, server_budget
+
+    main_job = dict(groups=32, group_size=8, eval_prompts=128, eval_k=4, max_prompt_tokens=20, max_new_tokens=12)
+    assert server_budget(servers=1, **main_job) == ServerBudget(512, math.ceil(512 * 32 * KV_TOKENS_MARGIN))
+    assert server_budget(servers=3, **main_job).max_running_requests == 43 * 4  # ceil(128 / 3) held-out prompts
+    rollout_only = {**main_job, "eval_prompts": 0}
+    assert server_budget(servers=3, **rollout_only).max_running_requests == 11 * 8  # ceil(32 / 3) groups
+    assert server_budget(servers=1, **rollout_only, margin=1.0).max_total_tokens == 256 * 32
+    # The issue's server: 322,884 tokens of a 30-layer, 3 KV-head, head_dim 64 model in fp32 are SGLang's 13.9 GB.
+    assert ServerBudget(1, 322_884).kv_cache_bytes(30, 3, 64, 4) / 2**30 == pytest.approx(13.86, abs=0.01)
+    with pytest.raises(ValueError, match="servers=0"):
+        server_budget(servers=0, **main_job)
+
+
+def test_started_servers_get_the_runs_budget_unless_the_config_sets_one():
+    """OnlineSource's servers: the main job's config with rollout.max_total_tokens unset gets its run's budget
+    (logged with the KV cache's bytes); set fields win; both reach SGLang's command line."""
+    import logging
+    from pathlib import Path
+
+    from megatron_gvpo.config import Config, load_config
+    from megatron_gvpo.models.arch import arch_from_hf
+    from megatron_gvpo.models.hf_io import load_hf_config
+    from megatron_gvpo.rollout.online import _server_budget
+    from megatron_gvpo.utils.logging import get_logger
+
+    repo = Path(__file__).resolve().parents[1]
+    arch = arch_from_hf(load_hf_config(repo / "configs/models/tiny_llama.json"))  # the main job's model
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    get_logger().addHandler(handler)
+    try:
+        cfg = load_config(Config, repo / "configs/addition_gvpo.yaml", ["rollout.max_total_tokens=null"])
+        budget = _server_budget(cfg, arch, eval_prompts=128)
+        assert (budget.max_total_tokens, budget.max_running_requests) == (20480, 512)
+        # 20480 tokens x 4 layers x K,V x 2 KV heads x 32 x 4 bytes = 40 MiB
+        assert "SGLang server KV cache: 20480 tokens" in lines[-1] and "= 0.0391 GiB" in lines[-1], lines
+        cfg = load_config(Config, repo / "configs/addition_gvpo.yaml",
+                          ["rollout.max_total_tokens=4096", "rollout.max_running_requests=64"])
+        budget = _server_budget(cfg, arch, eval_prompts=128)
+        assert (budget.max_total_tokens, budget.max_running_requests) == (4096, 64)
+        assert "4096 tokens (rollout.max_total_tokens)" in lines[-1]
+        if not torch.cuda.is_available():  # 1e9 tokens x 2 KiB: more than half of any CPU machine's memory
+            _server_budget(load_config(Config, repo / "configs/addition_gvpo.yaml",
+                                       ["rollout.max_total_tokens=1000000000"]), arch, eval_prompts=128)
+            assert "take more than half of the" in lines[-1] and "lower rollout.max_total_tokens" in lines[-1]
+    finally:
+        get_logger().removeHandler(handler)
+    command = " ".join(SGLangServer(SGLangServerConfig(model_path="m", max_total_tokens=4096,
+                                                       max_running_requests=64)).command())
+    assert "--max-total-tokens 4096" in command and "--max-running-requests 64" in command
+
+
+def test_exit_status_in_words():
+    from megatron_gvpo.rollout.sglang import describe_exit
+
+    assert describe_exit(1) == "exited with code 1"
+    assert describe_exit(-15) == "was killed by SIGTERM (exit status -15)"
+    assert describe_exit(-9).startswith("was killed by SIGKILL (exit status -9): likely the kernel's OOM killer")
+    assert describe_exit(-99) == "was killed by signal 99 (exit status -99)"
+
+
+def test_a_server_whose_scheduler_is_sigkilled_says_so(model_dir, ps):
+    """A server started with a run's budget holds exactly that (SGLang's log). Its scheduler process is then
+    SIGKILLed, as the kernel's OOM killer would: the launcher stops itself (with SIGKILL, which says nothing), and
+    the server's `failure()` and the warning `stop()` logs name the scheduler, its signal and the likely cause."""
+    import logging
+    import re
+    import time
+
+    import psutil
+
+    from megatron_gvpo.rollout.sglang import server_budget
+    from megatron_gvpo.utils.logging import get_logger
+
+    budget = server_budget(groups=3, group_size=4, eval_prompts=3, eval_k=2, servers=1, max_prompt_tokens=8,
+                           max_new_tokens=6)
+    config = SGLangServerConfig(model_path=str(model_dir), max_total_tokens=budget.max_total_tokens,
+                                max_running_requests=budget.max_running_requests)
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    get_logger().addHandler(handler)
+    server = SGLangServer(config).start()
+    try:
+        log = server.log_path.read_text()
+        assert f"max_total_num_tokens={budget.max_total_tokens}," in log
+        assert f"max_running_requests={budget.max_running_requests}," in log
+        groups = SGLangClient([server.url]).generate(ps, SamplingParams(n=4, temperature=1.0, max_new_tokens=6))
+        assert [len(g) for g in groups] == [4, 4, 4]
+        assert server.failure() is None
+        scheduler = next(p for p in psutil.Process(server.process.pid).children(recursive=True)
+                         if "scheduler" in p.name())
+        os.kill(scheduler.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while server.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not server.alive()
+        want = rf"its scheduler\S* process \(pid {scheduler.pid}\) was killed by SIGKILL \(exit status -9\): likely " \
+               r"the kernel's OOM killer"
+        assert re.search(rf"^stopped \(exit status -?\d+\): {want}", server.failure()), server.failure()
+    finally:
+        server.stop()
+        get_logger().removeHandler(handler)
+    assert len(warnings) == 1 and re.search(rf"SGLang server at {server.url} stopped .*{want}", warnings[0]), warnings
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ writes config.yaml, metrics.jsonl (step, loss, grad_norm, lr, tokens, the Eq. 17
 same config and seed give the same per-step loss at TP=2 and PP=2 (and with full activation recomputation) as in
 one process; a run stopped and
 restarted in the same directory, or SIGKILLed at a random step and restarted, resumes and reproduces the
-uninterrupted run's metrics."""
+uninterrupted run's metrics. A bad config key or value, a missing config file, model path or tokenizer, a
+missing prompts file or a bad data row end the command with exit status 2 and one line naming the field, no
+traceback; a ValueError later in the run keeps its traceback."""
 
 import json
 from pathlib import Path
@@ -167,3 +169,86 @@ def test_checkpoint_results_manager_survives_preemption_signals_and_dies_with_th
         assert not alive(manager)
     finally:
         trainer.kill()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# User errors: one line naming the field, exit status 2
+# ---------------------------------------------------------------------------------------------------------
+
+BAD_ROW = '{"prompt": "1+2=", "responses": [{"text": "3", "reward": 1.0}]}\n'  # 1 response, the config asks for 4
+
+USER_ERRORS = {  # case: (--set overrides or other arguments, what the one line must say)
+    "unknown key": (["--set", "bad.key=1"], r"unknown config key 'bad'"),
+    "bad value": (["--set", "train.steps=abc"], r"train\.steps must be an integer, got 'abc'"),
+    "missing config file": (["--config", "{tmp}/missing.yaml"], r"cannot read config file \S*missing\.yaml"),
+    # configs/tiny_cpu.yaml before tools/make_tiny_assets.py: transformers took the path for a hub repo id.
+    "missing tokenizer": (["--set", "model.tokenizer=runs/not_made_yet/tokenizer"],
+                          r"model\.tokenizer 'runs/not_made_yet/tokenizer' does not exist \(relative to .*\); it "
+                          r"must be a directory with Hugging Face tokenizer files \(tokenizers are never downloaded\)"),
+    "bad data row": (["--set", "model.tokenizer={assets}/tokenizer", "data.path={tmp}/groups.jsonl"],
+                     r"groups\.jsonl:4: "),
+    "missing prompts file": (["--set", "model.tokenizer={assets}/tokenizer", "rollout.source=online",
+                              "prompts.path={tmp}/prompts.jsonl", "prompts.max_prompt_tokens=20",
+                              "rollout.max_new_tokens=12"], r"prompts\.path\W.*prompts\.jsonl\W.*does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(USER_ERRORS))
+def test_a_bad_config_or_input_ends_the_command_with_one_line_naming_it(assets, tmp_path, case):
+    """`python -m megatron_gvpo.train` with a bad key, value, config file, path or data row: exit status 2 and
+    `megatron_gvpo.train: error: <message naming the field or file:line>` as the last line, no traceback."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    (tmp_path / "groups.jsonl").write_text("".join((assets / "train.jsonl").read_text().splitlines(True)[:3]) + BAD_ROW)
+    args, message = USER_ERRORS[case]
+    args = [a.format(tmp=tmp_path, assets=assets) for a in args]
+    if "--config" not in args:
+        args = ["--config", "configs/tiny_cpu.yaml", *args]
+    run = subprocess.run([sys.executable, "-m", "megatron_gvpo.train", *args, "--set", f"run.dir={tmp_path / 'run'}"],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    last = run.stderr.rstrip().splitlines()[-1]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert last.startswith("megatron_gvpo.train: error: ") and re.search(message, last), last
+    assert run.stderr.count("error:") == 1
+
+
+def test_only_start_up_value_errors_become_one_line(capsys):
+    """A ValueError raised under `user_errors()` (start-up: config, paths, data) is one line and status 2; one
+    raised anywhere else (a crash mid-run) keeps its traceback."""
+    from megatron_gvpo.utils.cli import UsageError, run_main, user_errors
+
+    def bad_config() -> int:
+        with user_errors():
+            raise ValueError("algo.beta must be > 0, got -1")
+
+    def crash() -> int:
+        raise ValueError("a bug mid-run")
+
+    assert run_main("prog", bad_config) == 2
+    assert capsys.readouterr().err == "prog: error: algo.beta must be > 0, got -1\n"
+    with pytest.raises(ValueError, match="a bug mid-run"):
+        run_main("prog", crash)
+    with pytest.raises(UsageError):  # still a ValueError for callers in the same process
+        bad_config()
+
+
+def test_model_paths_are_checked_before_anything_loads(tmp_path):
+    from megatron_gvpo.models.hf_io import check_model_paths
+
+    config = REPO / "configs/models/tiny_llama.json"
+    check_model_paths(str(config))
+    with pytest.raises(ValueError, match=rf"^model\.path '{tmp_path}/m' does not exist; it must be a Hugging Face "
+                                         r"model directory or a config\.json file \(models are never downloaded\)"):
+        check_model_paths(str(tmp_path / "m"))
+    with pytest.raises(ValueError, match=r"^model\.path '.*' is a directory without config\.json"):
+        check_model_paths(str(tmp_path))
+    with pytest.raises(ValueError, match=r"^model\.tokenizer '.*tok' does not exist"):
+        check_model_paths(str(config), tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(ValueError, match=r"^model\.tokenizer '.*tiny_llama\.json' is not a directory"):
+        check_model_paths(str(config), tokenizer=str(config))
+    with pytest.raises(ValueError, match=r"^model\.load '.*ckpt' does not exist; it must be a Megatron checkpoint"):
+        check_model_paths(str(config), load=str(tmp_path / "ckpt"))

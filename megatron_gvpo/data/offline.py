@@ -9,7 +9,7 @@ megatron_gvpo/data/batch.py).
 JSONL schema (one JSON object per line, one line per prompt; blank lines are ignored; line numbers in error
 messages count every physical line from 1). A row takes exactly one of two forms:
 
-    text form:  {"prompt": str, "responses": [{"text": str, "reward": number}, ...], "id": scalar?}
+    text form:  {"prompt": str | [message, ...], "responses": [{"text": str, "reward": number}, ...], "id": scalar?}
     ids form:   {"prompt_ids": [int, ...], "responses": [{"ids": [int, ...], "reward": number}, ...], "id": scalar?}
 
 - "id" is optional, any JSON scalar (string, number, true/false, null); it is only quoted in error messages.
@@ -42,8 +42,14 @@ The same rows can come from a Hugging Face `datasets` source instead of JSONL: a
 directory or a .parquet file, one row per prompt with the same keys (a null value counts as an absent key,
 since Arrow gives every row every column); errors then name `<path>[<row index>]`.
 
-Simplifications: the whole file is loaded into memory (the offline mode targets datasets of up to a few
-million responses), and no chat template is applied: put the formatted prompt text in "prompt".
+A prompt given as a list of {"role", "content"} messages is rendered with the tokenizer's chat template and
+the `prompts.*` template options, exactly as online prompts are (data/chat.py; so is a text prompt under
+`prompts.chat_template`); responses are the assistant's text that follows.
+
+`data.path` may also be a glob or a list of sources, and JSON or arrow files (data/records.py).
+
+Simplification: the whole file is loaded into memory (the offline mode targets datasets of up to a few
+million responses).
 """
 
 from __future__ import annotations
@@ -51,14 +57,17 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from megatron_gvpo.data.batch import make_targets
+from megatron_gvpo.data.records import BadRecord, RowError, read_records
+
+if TYPE_CHECKING:
+    from megatron_gvpo.data.chat import PromptEncoder
 
 SKIP_REASONS = (
     "not_json",  # the line does not parse as JSON
@@ -76,9 +85,10 @@ SKIP_REASONS = (
 
 @dataclass
 class OfflineDataConfig:
-    path: str = ""
+    path: str | list[str] = ""
     """Prompts with scored responses (schema in the module docstring of data/offline.py): a JSONL file, or a
-    Hugging Face `datasets` source: a `Dataset.save_to_disk` directory or a .parquet file. Required."""
+    Hugging Face `datasets` source (a `Dataset.save_to_disk` directory, .parquet, .arrow), a glob, or a list of
+    them. Required."""
     max_prompt_tokens: int = 512
     """Longest prompt in tokens; longer rows are bad rows (never truncated)."""
     max_response_tokens: int = 512
@@ -275,7 +285,8 @@ def _check_tokenized(ids: list[int], field_name: str, vocab_size: int | None) ->
 
 
 def _parse_row(
-    row: Any, cfg: OfflineDataConfig, tokenizer: _TokenizerAdapter | None, vocab_size: int | None, where: str
+    row: Any, cfg: OfflineDataConfig, tokenizer: _TokenizerAdapter | None, vocab_size: int | None, where: str,
+    prompt_encoder: PromptEncoder | None = None,
 ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[float, ...]]:
     """(prompt_ids, response_ids, rewards) of one decoded JSON row, or _BadRow."""
     if not isinstance(row, dict):
@@ -308,13 +319,22 @@ def _parse_row(
 
     if text_form:
         assert tokenizer is not None
-        if not isinstance(row["prompt"], str):
-            raise _BadRow("bad_schema", "prompt", f"must be a string, got {type(row['prompt']).__name__}")
-        if row["prompt"] == "":
+        prompt = row["prompt"]
+        chat = isinstance(prompt, list) or (prompt_encoder is not None and prompt_encoder.cfg.chat_template)
+        if not isinstance(prompt, (str, list)):
+            raise _BadRow("bad_schema", "prompt", f"must be a string or a list of messages, got {type(prompt).__name__}")
+        if prompt in ("", []):
             raise _BadRow("empty_prompt", "prompt", "empty (the first response token would have nothing to follow)")
-        prompt_ids = _check_tokenized(
-            tokenizer.encode(row["prompt"], cfg.prompt_add_special_tokens), "prompt", vocab_size
-        )
+        if chat and prompt_encoder is None:
+            raise ValueError(f"{where}: a prompt given as messages needs the chat template: pass a PromptEncoder")
+        if chat:
+            try:
+                encode = prompt_encoder.messages if isinstance(prompt, list) else prompt_encoder.text
+                prompt_ids = encode(prompt, "prompt")[0]
+            except RowError as e:
+                raise _BadRow("bad_schema", *str(e).split(": ", 1)) from None
+        else:
+            prompt_ids = _check_tokenized(tokenizer.encode(prompt, cfg.prompt_add_special_tokens), "prompt", vocab_size)
     else:
         prompt_ids = _check_ids(row["prompt_ids"], "prompt_ids", vocab_size)
     if not prompt_ids:
@@ -370,26 +390,27 @@ def _parse_row(
 
 
 def load_groups(
-    cfg: OfflineDataConfig, tokenizer: Any = None, vocab_size: int | None = None
+    cfg: OfflineDataConfig, tokenizer: Any = None, vocab_size: int | None = None,
+    prompt_encoder: PromptEncoder | None = None,
 ) -> tuple[list[Group], DataStats]:
     """Read `cfg.path` into groups in file order (schema and error policy in the module docstring).
 
     tokenizer: a transformers tokenizer or a `tokenizers.Tokenizer`; required only when the file has text rows.
     vocab_size: the model's vocabulary size; token ids at or above it are bad rows. None skips that check.
+    prompt_encoder: renders prompts given as messages (and text prompts under prompts.chat_template) with the
+    chat template, as online prompts are (data/chat.py); None: such rows fail.
     """
     cfg.validate()
-    if not cfg.path:
-        raise ValueError("data.path must name a JSONL file, a datasets directory or a .parquet file, got ''")
     adapter = _adapt_tokenizer(tokenizer, cfg, vocab_size) if tokenizer is not None else None
 
     groups: list[Group] = []
     stats = DataStats()
-    for where, row in _records(cfg.path):
+    for where, row in read_records(cfg.path, "data.path"):
         stats.rows_read += 1
         try:
-            if isinstance(row, _BadRow):
-                raise row
-            prompt_ids, response_ids, rewards = _parse_row(row, cfg, adapter, vocab_size, where)
+            if isinstance(row, BadRecord):
+                raise _BadRow("not_json", "row", row.message)
+            prompt_ids, response_ids, rewards = _parse_row(row, cfg, adapter, vocab_size, where, prompt_encoder)
         except _BadRow as bad:
             row_id = f" (id={row['id']!r})" if isinstance(row, dict) and "id" in row else ""
             message = f"{where}{row_id}: {bad}"
@@ -407,59 +428,6 @@ def load_groups(
         detail = "; ".join(stats.first_error.values()) or "the file has no rows"
         raise ValueError(f"{cfg.path}: no usable rows ({stats.summary()}): {detail}")
     return groups, stats
-
-
-def _records(path_str: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every row of a JSONL file (where = path:line; a line that is not JSON yields a
-    `_BadRow` as its row) or of a `datasets` source (where = path[index])."""
-    path = Path(path_str)
-    if path.is_dir() or path.suffix == ".parquet":
-        yield from _dataset_records(path)
-        return
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ValueError(f"cannot read data.path {path_str}: {e.strerror}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data.path {path_str} is not UTF-8 text: {e}") from e
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            row = _BadRow("not_json", "row", f"not valid JSON ({e.msg} at column {e.colno})")
-        yield f"{path_str}:{lineno}", row
-
-
-def _dataset_records(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError as e:
-        raise ValueError(
-            f"data.path {path} is a datasets source but the `datasets` package is missing; install the pinned "
-            "requirements (requirements/cpu.txt) or convert it to JSONL"
-        ) from e
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    except FileNotFoundError as e:
-        raise ValueError(f"cannot read data.path {path}: {e}") from e
-    if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"data.path {path} holds splits {list(ds)}; point it at one split's directory")
-    for index, row in enumerate(ds):
-        yield f"{path}[{index}]", _drop_nulls(row)
-
-
-def _drop_nulls(value: Any) -> Any:
-    """Arrow tables have a column for every key any row has; a null there means the key is absent."""
-    if isinstance(value, dict):
-        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_nulls(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from megatron_gvpo.config import Config, add_config_arguments, load_config
+from megatron_gvpo.utils.cli import run_main, user_errors
 
 
 def prepare(cfg: Config, log=print) -> None:
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, default_config="configs/addition_gvpo.yaml")
     args = parser.parse_args(argv)
-    cfg = load_config(Config, args.config, args.overrides)
+    with user_errors():
+        cfg = load_config(Config, args.config, args.overrides)
     start = time.perf_counter()
     prepare(cfg)
     train(cfg)
@@ -77,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("megatron_gvpo.experiments.addition", main))

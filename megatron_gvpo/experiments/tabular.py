@@ -36,6 +36,7 @@ from megatron_gvpo.algo import (
     preference_pairs,
 )
 from megatron_gvpo.config import RunConfig, add_config_arguments, load_config, to_dict
+from megatron_gvpo.utils.cli import run_main, user_errors
 
 Sampler = Literal["on_policy", "reference", "tempered", "mixture", "uniform"]
 Method = Literal["gvpo", "grpo", "dr_grpo", "dpo"]
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, default_config=None)
     args = parser.parse_args(argv)
-    cfg = load_config(TabularConfig, args.config, args.overrides)
+    with user_errors():
+        cfg = load_config(TabularConfig, args.config, args.overrides)
     torch.set_num_threads(1)
     out = Path(cfg.run.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,4 +277,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("megatron_gvpo.experiments.tabular", main))

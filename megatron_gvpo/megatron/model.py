@@ -74,13 +74,15 @@ def transformer_config(
             "the Transformer Engine layer spec was requested but transformer_engine does not import; install it "
             "(it ships in the NGC PyTorch container) or use the local spec"
         )
-    if arch.num_attention_heads % tp or arch.num_query_groups % tp:
+    if tp not in arch.tp_sizes:  # the one TP check: the trainer, the planner and the converter all come here
+        if tp < 1 or arch.num_attention_heads % tp or arch.num_query_groups % tp:
+            what = f"num_attention_heads={arch.num_attention_heads} and num_key_value_heads={arch.num_query_groups}"
+        else:
+            what = f"intermediate_size={arch.ffn_hidden_size}"
         raise ValueError(
-            f"parallel.tp={tp} must divide num_attention_heads={arch.num_attention_heads} and "
-            f"num_key_value_heads={arch.num_query_groups}"
+            f"parallel.tp={tp} must divide {what}; the tensor-parallel sizes that fit this model are "
+            f"{', '.join(map(str, arch.tp_sizes))}"
         )
-    if arch.ffn_hidden_size % tp:
-        raise ValueError(f"parallel.tp={tp} must divide intermediate_size={arch.ffn_hidden_size}")
     stages = pp * (vpp or 1)
     if arch.num_layers % stages:
         raise ValueError(

@@ -49,6 +49,13 @@ class Arch:
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
+    @property
+    def tp_sizes(self) -> list[int]:
+        """The tensor-parallel sizes this model splits evenly over: the common divisors of the attention heads,
+        the key/value heads and the FFN width (the vocabulary is padded to fit any TP)."""
+        common = math.gcd(self.num_attention_heads, self.num_query_groups, self.ffn_hidden_size)
+        return [d for d in range(1, common + 1) if common % d == 0]
+
     def check_sequence_length(self, seq_len: int) -> None:
         if self.sliding_window is not None and seq_len > self.sliding_window:
             raise ValueError(

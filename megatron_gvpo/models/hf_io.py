@@ -36,12 +36,42 @@ def copy_hf_assets(src: Path, dst: Path) -> list[str]:
     return names
 
 
+MODEL_PATH = "a Hugging Face model directory or a config.json file (models are never downloaded)"
+TOKENIZER_PATH = "a directory with Hugging Face tokenizer files (tokenizers are never downloaded)"
+
+
+def _missing(field: str, path: str | Path, what: str) -> str:
+    """The message for a path that does not exist, with the directory a relative one was looked up in."""
+    where = "" if Path(path).is_absolute() else f" (relative to {Path.cwd()})"
+    return f"{field} {str(path)!r} does not exist{where}; it must be {what}"
+
+
+def check_model_paths(path: str, tokenizer: str = "", load: str = "") -> None:
+    """ValueError naming the field when model.path, model.tokenizer or model.load (where given) does not exist or
+    is the wrong kind of path: before anything is loaded, so a missing directory is not mistaken for a model
+    name on the Hugging Face hub (transformers' 'Repo id must be in the form ...')."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(_missing("model.path", path, MODEL_PATH))
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ValueError(f"model.path {path!r} is a directory without config.json; it must be {MODEL_PATH}")
+    if tokenizer and not Path(tokenizer).exists():
+        raise ValueError(_missing("model.tokenizer", tokenizer, TOKENIZER_PATH))
+    if tokenizer and not Path(tokenizer).is_dir():
+        raise ValueError(f"model.tokenizer {tokenizer!r} is not a directory; it must be {TOKENIZER_PATH}")
+    if load and not Path(load).exists():
+        raise ValueError(_missing("model.load", load, "a Megatron checkpoint directory (tools/convert_hf.py "
+                                  "import's output or a training checkpoint)"))
+
+
 def load_hf_config(path: str | Path):
     """A transformers config from a model directory or a config.json file (offline; nothing is downloaded)."""
     import transformers
 
     p = Path(path)
     file = p / "config.json" if p.is_dir() else p
+    if not p.exists():
+        raise ValueError(_missing("model.path", path, MODEL_PATH))
     if not file.is_file():
         raise ValueError(f"model.path={str(path)!r}: no config.json there")
     try:
@@ -237,3 +267,20 @@ def hf_weights(path: str | Path, init: str, seed: int) -> Mapping[str, torch.Ten
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
     return {k: v.detach().float() for k, v in model.state_dict().items()}
+
+
+def eos_token_ids(path: str | Path, tokenizer=None) -> tuple[int, ...]:
+    """The ids that end a response of the model at `path`: generation_config.json's eos_token_id (an instruct
+    model's end-of-turn token, e.g. Qwen2.5's [<|im_end|>, <|endoftext|>]), config.json's, and the tokenizer's
+    eos_token_id, in that order without repeats. A lone config.json file has only its own."""
+    p = Path(path)
+    files = [p / "generation_config.json", p / "config.json"] if p.is_dir() else [p]
+    ids: list[int] = []
+    for file in files:
+        if file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            ids += value if isinstance(value, list) else [] if value is None else [value]
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(tokenizer_eos, int):
+        ids.append(tokenizer_eos)
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool)))

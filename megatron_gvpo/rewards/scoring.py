@@ -4,10 +4,16 @@
     result.rewards, result.keep, result.metrics()
 
 Four reward kinds (`RewardConfig.kind`):
-    math      rule-based answer check of megatron_gvpo/rewards/math.py (GSM8K `####` or \\boxed{} answers);
+    math      rule-based answer check of megatron_gvpo/rewards/math.py (GSM8K `####`, \\boxed{} or a final
+              number);
     function  a user function `fn(prompt: str, response: str, label) -> float`, named "package.module:attr";
     http      a reward model behind an HTTP endpoint (protocol in megatron_gvpo/rewards/remote.py);
     addition  exact match for the toy addition task (megatron_gvpo/data/addition.py); labels are unused.
+
+Per data source. A dataset that mixes sources (verl's `data_source` column: "openai/gsm8k", "lighteval/MATH",
+a code set, ...) scores each row with the reward of its source: `reward.by_source` maps a source to a kind or
+to a function path ("package.module:attr"); sources it does not name get `reward.kind`. Pass the samples'
+sources to `score(..., sources=...)`.
 
 A sample fails when its reward raises, exceeds the time limit, or is not a finite number. Every failure is
 recorded (`RewardResult.errors`, counted in `metrics()`) and handled by `RewardConfig.on_error`:
@@ -32,6 +38,7 @@ through on_error: no sample can succeed with them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import threading
@@ -73,10 +80,19 @@ class RewardConfig:
     training (unbiased; see megatron_gvpo/rewards/scoring.py). Failures are counted in every case."""
     error_value: float = 0.0
     """The reward a failed sample gets with on_error='zero' (and the placeholder in `rewards` otherwise)."""
+    by_source: dict[str, str] = field(default_factory=dict)
+    """Reward per data source (a row's prompts.data_source_key): source -> a kind ('math', 'addition', 'http')
+    or a function path 'package.module:attr'. Sources not listed get `kind`."""
 
     def validate(self) -> None:
         if self.kind not in ("math", "function", "http", "addition"):
             raise ValueError(f"reward.kind must be one of math, function, http, addition, got {self.kind!r}")
+        for source, value in self.by_source.items():
+            if value not in ("math", "http", "addition") and not _split_function_path(value)[0]:
+                raise ValueError(f"reward.by_source.{source} must be 'math', 'http', 'addition' or a function "
+                                 f"'package.module:attr', got {value!r}")
+        if "http" in self.by_source.values() and not self.url.startswith(("http://", "https://")):
+            raise ValueError("reward.by_source uses 'http': it needs reward.url starting with http:// or https://")
         if self.kind == "function" and not _split_function_path(self.function)[0]:
             raise ValueError(
                 f"reward.kind='function' needs reward.function as 'package.module:function', got {self.function!r}"
@@ -93,6 +109,19 @@ class RewardConfig:
             raise ValueError(f"reward.on_error must be one of raise, zero, drop_group, got {self.on_error!r}")
         if not math.isfinite(self.error_value):
             raise ValueError(f"reward.error_value must be a finite number, got {self.error_value}")
+
+    def for_source(self, source: str) -> RewardConfig:
+        """The configuration that scores samples of this data source (`by_source`, else this one)."""
+        value = self.by_source.get(source)
+        if value is None:
+            return self
+        if value in ("math", "http", "addition"):
+            return dataclasses.replace(self, kind=value, by_source={})
+        return dataclasses.replace(self, kind="function", function=value, by_source={})
+
+    def needs_label(self, source: str) -> bool:
+        """Whether samples of this source cannot be scored without a label (the math check compares with one)."""
+        return self.for_source(source).kind == "math"
 
 
 @dataclass
@@ -271,27 +300,43 @@ def _failure(outcome: Outcome, cfg: RewardConfig) -> tuple[float, FailureKind | 
     return reward, None, ""
 
 
+def _outcomes(prompts: list[str], responses: list[str], labels: list, cfg: RewardConfig) -> list[Outcome]:
+    if cfg.kind == "http":
+        return _http_outcomes(prompts, responses, labels, cfg)
+    fn = _sample_function(cfg)
+    calls = [partial(fn, p, r, lab) for p, r, lab in zip(prompts, responses, labels, strict=True)]
+    return run_with_deadlines(calls, cfg.timeout_s, cfg.workers)
+
+
 def score(
-    prompts: Sequence[str], responses: Sequence[str], labels: Sequence[Any], group_ids: Sequence[int], cfg: RewardConfig
+    prompts: Sequence[str], responses: Sequence[str], labels: Sequence[Any], group_ids: Sequence[int],
+    cfg: RewardConfig, sources: Sequence[str] | None = None,
 ) -> RewardResult:
     """Rewards of a batch (one entry per response; prompts and labels repeated per response), with failures
-    handled by cfg.on_error (see the module docstring). group_ids says which group each sample belongs to."""
+    handled by cfg.on_error (see the module docstring). group_ids says which group each sample belongs to;
+    sources, each sample's data source, choose its reward through cfg.by_source (None: cfg.kind for all)."""
     n = len(responses)
-    if not len(prompts) == len(labels) == len(group_ids) == n:
+    sources = [""] * n if sources is None else list(sources)
+    if not len(prompts) == len(labels) == len(group_ids) == len(sources) == n:
         raise ValueError(
-            f"score needs one prompt, label and group id per response: got {len(prompts)} prompts, {n} responses, "
-            f"{len(labels)} labels, {len(group_ids)} group ids"
+            f"score needs one prompt, label, group id and source per response: got {len(prompts)} prompts, "
+            f"{n} responses, {len(labels)} labels, {len(group_ids)} group ids, {len(sources)} sources"
         )
     cfg.validate()
     prompts, responses, labels, group_ids = list(prompts), list(responses), list(labels), list(group_ids)
     if n == 0:
         return RewardResult(rewards=[], keep=[])
-    if cfg.kind == "http":
-        outcomes = _http_outcomes(prompts, responses, labels, cfg)
-    else:
-        fn = _sample_function(cfg)
-        calls = [partial(fn, p, r, lab) for p, r, lab in zip(prompts, responses, labels, strict=True)]
-        outcomes = run_with_deadlines(calls, cfg.timeout_s, cfg.workers)
+    # Samples are scored per reward (one HTTP request, one thread pool each), then put back in batch order.
+    by_reward: dict[str, list[int]] = {}
+    for i, source in enumerate(sources):
+        by_reward.setdefault(cfg.by_source.get(source, ""), []).append(i)
+    outcomes: list[Outcome] = [("timeout", None)] * n
+    for indices in by_reward.values():
+        part_cfg = cfg.for_source(sources[indices[0]])
+        part = _outcomes([prompts[i] for i in indices], [responses[i] for i in indices],
+                         [labels[i] for i in indices], part_cfg)
+        for i, outcome in zip(indices, part, strict=True):
+            outcomes[i] = outcome
 
     rewards, errors = [], []
     for i, outcome in enumerate(outcomes):
@@ -304,7 +349,7 @@ def score(
         status, value = outcomes[first.index]
         cause = value if status == "exception" else None
         raise RewardError(
-            f"{cfg.kind} reward failed for sample {first.index} (group {first.group_id}): {first.kind}: "
+            f"{cfg.for_source(sources[first.index]).kind} reward failed for sample {first.index} (group {first.group_id}): {first.kind}: "
             f"{first.message} ({len(errors)} of {n} samples failed; reward.on_error='raise')"
         ) from cause
     dropped = sorted({f.group_id for f in errors}) if cfg.on_error == "drop_group" else []

@@ -17,7 +17,9 @@ rollout checks that all its samples carry the version of the last sync (`require
 Which samples train: a group whose sample was aborted (a server dropped it) or whose reward failed under
 `reward.on_error: drop_group` is left out. It is not removed from the batch (Megatron's micro-batch layout is
 fixed); its rows become groups of one, which carry no GVPO signal and do not count in the loss normaliser.
-Truncated samples ('length': max_new_tokens reached) are scored as they are and counted.
+Truncated samples ('length': max_new_tokens reached) are counted and, per `rollout.on_truncated`, kept as
+scored, given reward 0, or left out with their group. Responses end at the checkpoint's own end-of-turn ids
+(generation_config.json, config.json and the tokenizer's EOS: `models.hf_io.eos_token_ids`).
 
 A server this run started that dies is restarted: whichever collective noticed (rollout, weight sync or
 evaluation) restarts it on rank 0, reconnects the weight sync, reloads the trainer's current weights and runs
@@ -58,7 +60,14 @@ class RolloutConfig:
     server_tp: int = 1
     """Tensor-parallel size of each started server."""
     max_total_tokens: int | None = None
-    """KV-cache tokens of each started server (SGLang's --max-total-tokens); None: SGLang's default."""
+    """KV-cache tokens of each started server (SGLang's --max-total-tokens); None: what the run can have in
+    flight on one server, with a margin (`rollout.sglang.server_budget`: the larger of a rollout's share,
+    groups x algo.group_size, and an evaluation's, eval prompts x eval_k, times prompts.max_prompt_tokens +
+    max_new_tokens, times 1.25). SGLang's own default would take most of the memory free when the server starts,
+    which a trainer on the same machine then runs out of. Servers this run attaches to (`urls`) keep theirs."""
+    max_running_requests: int | None = None
+    """Requests each started server decodes at once (SGLang's --max-running-requests); None: as many as the run
+    can have in flight on one server (see max_total_tokens)."""
     temperature: float = 1.0
     top_p: float = 1.0
     seeded: bool = False
@@ -68,6 +77,10 @@ class RolloutConfig:
     (megatron_gvpo/rollout/seeded.py; rollout log-probs are then NaN, top_p must be 1)."""
     max_new_tokens: int = 64
     """Longest response; a sample that reaches it is marked truncated ('length')."""
+    on_truncated: Literal["keep", "zero", "drop_group"] = "keep"
+    """What a truncated sample does: 'keep' its reward as scored, 'zero' it (a cut answer earns nothing, whatever
+    it contains), or 'drop_group' (leave its whole group out of training, like a failed reward). Counted in the
+    metrics (truncated_samples, truncated_dropped_groups) either way."""
     weight_sync: Literal["disk", "tensor", "distributed"] = "distributed"
     """How trained weights reach the servers (megatron_gvpo/rollout/weight_sync.py): 'disk' (safetensors in
     <run.dir>/rollout_weights; needs a file system shared with the servers), 'tensor' (shared memory; servers on
@@ -106,6 +119,9 @@ class RolloutConfig:
             raise ValueError(f"rollout.temperature must be > 0 for grouped sampling, got {self.temperature}")
         if self.seeded and self.top_p < 1:
             raise ValueError(f"rollout.seeded samples the full distribution; rollout.top_p={self.top_p} must be 1")
+        for name in ("max_total_tokens", "max_running_requests"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1 (or null: from the run), got {getattr(self, name)}")
         if self.eval_interval < 0 or self.eval_k < 1 or self.bucket_mb < 1 or self.max_server_restarts < 0:
             raise ValueError("rollout.eval_interval and rollout.max_server_restarts must be >= 0, rollout.eval_k "
                              "and rollout.bucket_mb >= 1")
@@ -150,6 +166,7 @@ class OnlineSource:
 
     def __init__(self, cfg, engine, arch, tokenizer, start_step: int):
         from megatron_gvpo.models.arch import padded_vocab_size
+        from megatron_gvpo.models.hf_io import eos_token_ids
         from megatron_gvpo.rollout.weight_sync import write_hf_checkpoint
 
         self.cfg, self.engine, self.arch, self.tokenizer = cfg, engine, arch, tokenizer
@@ -159,16 +176,20 @@ class OnlineSource:
         self.run_dir = Path(cfg.run.dir)
         self.sampler = None  # source 'offline' (rollout.eval_offline): evaluation only, the data come from elsewhere
         if self.r.source != "offline":
-            prompts, self.stats = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer, arch.vocab_size)
+            prompts, self.stats = load_prompts(cfg.prompts.path, cfg.prompts, tokenizer, arch.vocab_size,
+                                               needs_label=cfg.reward.needs_label)
             self.sampler = GroupSampler(prompts, cfg.groups_per_rollout, seed=cfg.run.seed,
                                         shuffle=cfg.prompts.shuffle)
         self.replay = ReplayBuffer(self.r.replay_capacity, seed=cfg.run.seed) if self.r.source == "mix" else None
         self.eval_prompts: list[Prompt] = []
         if cfg.prompts.eval_path:
-            self.eval_prompts, _ = load_prompts(cfg.prompts.eval_path, cfg.prompts, tokenizer, arch.vocab_size)
+            self.eval_prompts, _ = load_prompts(cfg.prompts.eval_path, cfg.prompts, tokenizer, arch.vocab_size,
+                                                needs_label=cfg.reward.needs_label, field_name="prompts.eval_path")
             if cfg.prompts.eval_size:
                 self.eval_prompts = self.eval_prompts[: cfg.prompts.eval_size]
         self.step = start_step  # of the weights being served; seeds the samples when rollout.seeded
+        # An instruct model ends its turn with its own token (generation_config.json), not only config.json's EOS.
+        self.stop_token_ids = eos_token_ids(cfg.model.path, tokenizer)
         self.servers, self.client, self.weights = [], None, None
         self.restarts = 0  # servers restarted (rank 0 restarts them)
         self.reconnects = 0  # recoveries, on every rank: names the weight-sync groups
@@ -194,6 +215,7 @@ class OnlineSource:
         urls = list(r.urls)
         if not urls:
             _share_cores_with_servers(r.servers)
+            budget = _server_budget(self.cfg, self.arch, len(self.eval_prompts))
             logs = self.run_dir / "logs"
             logs.mkdir(parents=True, exist_ok=True)
             for i in range(r.servers):
@@ -201,8 +223,9 @@ class OnlineSource:
                     model_path=str(hf_dir), tp=r.server_tp, random_seed=self.cfg.run.seed + i,
                     deterministic=r.seeded and torch.cuda.is_available(),
                     custom_logit_processor=r.seeded and not torch.cuda.is_available(),
-                    weight_version=self.version, max_total_tokens=r.max_total_tokens,
-                    startup_timeout_s=r.startup_timeout_s, log_path=str(logs / f"sglang_{i}.log")))
+                    weight_version=self.version, max_total_tokens=budget.max_total_tokens,
+                    max_running_requests=budget.max_running_requests, startup_timeout_s=r.startup_timeout_s,
+                    log_path=str(logs / f"sglang_{i}.log")))
                 self.servers.append(server.start())
                 urls.append(server.url)
         self._new_client(urls)
@@ -314,18 +337,22 @@ class OnlineSource:
         require_weight_version(groups, self.version)
         samples = [(p, x) for p, g in zip(prompts, groups, strict=True) for x in g]
         result = score([p.text for p, _ in samples], [self._decode(x.token_ids) for _, x in samples],
-                       [p.label for p, _ in samples], [i // sampling.n for i in range(len(samples))], self.cfg.reward)
+                       [p.label for p, _ in samples], [i // sampling.n for i in range(len(samples))], self.cfg.reward,
+                       sources=[p.data_source for p, _ in samples])
         return groups, samples, result, t_generate
 
     def _rollout(self, prompts: list[Prompt]) -> tuple[list[Group], set[int], dict]:
         """(groups, indices of the groups to leave out, metrics): one rollout, scored."""
         t0 = time.perf_counter()
         sampling = SamplingParams(n=self.cfg.algo.group_size, temperature=self.r.temperature, top_p=self.r.top_p,
-                                  max_new_tokens=self.r.max_new_tokens, seed=self._seed(0))
+                                  max_new_tokens=self.r.max_new_tokens, stop_token_ids=self.stop_token_ids,
+                                  seed=self._seed(0))
         groups, samples, result, t_rollout = self._sample_and_score(prompts, sampling)
         k = sampling.n
         aborted = {i // k for i, (_, x) in enumerate(samples) if x.finish_reason == "abort"}
-        dropped = aborted | {i // k for i, keep in enumerate(result.keep) if not keep}
+        truncated = [i for i, (_, x) in enumerate(samples) if x.finish_reason == "length"]
+        cut = treat_truncated(result.rewards, truncated, k, self.r.on_truncated)
+        dropped = aborted | cut | {i // k for i, keep in enumerate(result.keep) if not keep}
         scored = [Group(tuple(p.ids), tuple(tuple(x.token_ids) for x in g), tuple(result.rewards[i * k:(i + 1) * k]),
                         p.source) for i, (p, g) in enumerate(zip(prompts, groups, strict=True))]
         rewards = torch.tensor(result.rewards)
@@ -334,7 +361,8 @@ class OnlineSource:
         metrics = {
             "reward_mean": float(rewards.mean()), "accuracy": float(correct.mean()),
             "response_len_mean": sum(len(x.token_ids) for _, x in samples) / len(samples),
-            "truncated_frac": sum(x.finish_reason == "length" for _, x in samples) / len(samples),
+            "truncated_frac": len(truncated) / len(samples), "truncated_samples": len(truncated),
+            "truncated_dropped_groups": len(cut),
             "aborted_groups": len(aborted), "dropped_groups": len(dropped),
             "equal_reward_groups": int((by_group.max(1).values == by_group.min(1).values).sum()),
             "rollout_logp_mean": sum(sum(x.logprobs) for _, x in samples) / len(samples),  # NaN if seeded on CPU
@@ -379,10 +407,12 @@ class OnlineSource:
         t0 = time.perf_counter()
         metrics = {}
         r = self.r
-        runs = [("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=r.max_new_tokens))]
+        stop = self.stop_token_ids
+        runs = [("greedy", SamplingParams(n=1, temperature=0.0, max_new_tokens=r.max_new_tokens, stop_token_ids=stop))]
         if r.eval_k > 1:
             runs.append((f"pass@{r.eval_k}", SamplingParams(n=r.eval_k, temperature=r.eval_temperature,
-                                                          max_new_tokens=r.max_new_tokens, seed=self._seed(1))))
+                                                          max_new_tokens=r.max_new_tokens, stop_token_ids=stop,
+                                                          seed=self._seed(1))))
         for name, sampling in runs:
             _, _, result, _ = self._sample_and_score(self.eval_prompts, sampling)
             correct = torch.tensor(result.rewards).view(-1, sampling.n) >= self.r.correct_reward
@@ -425,6 +455,53 @@ def _share_cores_with_servers(servers: int) -> None:
     threads = max(1, ((os.cpu_count() or 1) - servers) // local_trainers)
     if torch.get_num_threads() > threads:
         torch.set_num_threads(threads)
+
+
+def _server_budget(cfg, arch, eval_prompts: int):
+    """KV-cache tokens and running requests of each server this run starts: rollout.max_total_tokens and
+    rollout.max_running_requests where set, else what the run can have in flight on one server
+    (`rollout.sglang.server_budget`). Logs the KV cache's size and the memory free beside it."""
+    import psutil
+
+    from megatron_gvpo.rollout.sglang import KV_TOKENS_MARGIN, ServerBudget, server_budget
+    from megatron_gvpo.utils.logging import get_logger
+
+    r = cfg.rollout
+    groups = cfg.groups_per_rollout if r.source != "offline" else 0  # offline + eval_offline: evaluation only
+    derived = server_budget(groups=groups, group_size=cfg.algo.group_size, eval_prompts=eval_prompts,
+                            eval_k=r.eval_k, servers=r.servers, max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+                            max_new_tokens=r.max_new_tokens)
+    budget = ServerBudget(max_running_requests=r.max_running_requests or derived.max_running_requests,
+                          max_total_tokens=r.max_total_tokens or derived.max_total_tokens)
+    # SGLang's dtype 'auto' is float32 on CPU (SGLangServerConfig.dtype); on GPUs it serves the float32
+    # checkpoint the trainer writes in float16.
+    dtype_bytes = 2 if torch.cuda.is_available() else 4
+    kv = budget.kv_cache_bytes(arch.num_layers, arch.num_query_groups, arch.head_dim, dtype_bytes)
+    where = ("rollout.max_total_tokens" if r.max_total_tokens is not None else
+             f"{derived.max_running_requests} requests in flight x (prompts.max_prompt_tokens "
+             f"{cfg.prompts.max_prompt_tokens} + rollout.max_new_tokens {r.max_new_tokens}) x {KV_TOKENS_MARGIN}")
+    available = None if torch.cuda.is_available() else psutil.virtual_memory().available
+    free = "" if available is None else f"; {available / 2**30:.1f} GiB memory free"
+    get_logger().info(
+        f"SGLang server KV cache: {budget.max_total_tokens} tokens ({where}) = {kv / 2**30:.3g} GiB at "
+        f"{dtype_bytes} bytes per value, up to {budget.max_running_requests} running requests, each of "
+        f"{r.servers} server(s){free}")
+    # The trainer has its model and optimizer by now, but its activations and log-prob passes come later, on the
+    # same memory: caches that take more than half of what is left are the start of an OOM kill.
+    if available is not None and kv * r.servers > available / 2:
+        get_logger().warning(
+            f"the SGLang servers' KV caches ({r.servers} x {kv / 2**30:.3g} GiB) take more than half of the "
+            f"{available / 2**30:.1f} GiB memory free beside the trainer: lower rollout.max_total_tokens")
+    return budget
+
+
+def treat_truncated(rewards: list[float], truncated: list[int], k: int, policy: str) -> set[int]:
+    """Apply rollout.on_truncated to the samples at indices `truncated` (groups of k in order): 'zero' sets their
+    rewards to 0 in place; returns the groups to leave out ('drop_group': theirs; otherwise none)."""
+    if policy == "zero":
+        for i in truncated:
+            rewards[i] = 0.0
+    return {i // k for i in truncated} if policy == "drop_group" else set()
 
 
 def _ungroup(group_ids: torch.Tensor, dropped: set[int]) -> torch.Tensor:

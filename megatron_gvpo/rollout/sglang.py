@@ -4,6 +4,12 @@
 the tail of the server's log, and stops it with its whole process group. On machines without CUDA it adds the
 flags of SGLang's generic CPU path (`--device cpu --attention-backend torch_native --sampling-backend pytorch`),
 one OpenMP thread, and the import-only stand-ins of `megatron_gvpo/rollout/cpu_stubs/` to PYTHONPATH.
+A server that dies says why (`SupervisedProcess.failure`), in the start-up error or, found dead later, in a
+warning when it is stopped: its exit status with the signal's name, and for SGLang the process of the server
+that died first (its launcher stops itself, with SIGKILL, when its scheduler dies). A SIGKILL is named as the
+likely work of the kernel's OOM killer. `server_budget` sizes a server's KV cache and running requests from
+the run it serves: SGLang's own default takes most of the memory free at start-up, which a trainer beside it
+on the same machine then runs out of.
 
 `SGLangClient` sends grouped sampling requests (token ids in, token ids and log-probs out) to one or more
 servers, spreads prompts over them, retries a request on another server when one is unreachable, and turns
@@ -23,6 +29,7 @@ own `n` would give all n copies one seed). How a server honours the seed depends
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -36,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_gvpo.rollout.base import RolloutError, Sample, SamplingParams
+from megatron_gvpo.utils.logging import get_logger
 from megatron_gvpo.utils.process import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +73,10 @@ class SGLangServerConfig:
     lag one token behind the token being sampled). Lets clients run code on the server: trusted networks only."""
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
+    """--max-total-tokens: KV-cache tokens (`server_budget` derives one from a run); None: SGLang sizes the cache
+    from the memory free at start-up."""
+    max_running_requests: int | None = None
+    """--max-running-requests: requests decoded at once, more wait in SGLang's queue; None: SGLang's default."""
     startup_timeout_s: float = 180.0
     log_path: str | None = None
     """Server stdout/stderr; None: a temp file."""
@@ -76,6 +88,66 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KV cache and running requests from the run
+# ---------------------------------------------------------------------------------------------------------
+
+KV_TOKENS_MARGIN = 1.25
+"""Head-room of a server's KV cache over the most tokens the run has in flight on it: SGLang admits a request on
+an estimate of how much of its max_new_tokens it will decode, and a request retried after another server failed
+(`SGLangClient.retries`) lands on top of this server's own share. Past the budget SGLang queues or retracts
+requests (slower, never wrong), so the margin buys speed in those moments, not correctness."""
+
+
+@dataclass(frozen=True)
+class ServerBudget:
+    """What one server needs for a run: the requests it can have in flight and their KV-cache tokens."""
+
+    max_running_requests: int
+    max_total_tokens: int
+
+    def kv_cache_bytes(self, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+        """Bytes of the KV cache these tokens take: K and V of every layer, all of the server's TP ranks."""
+        return self.max_total_tokens * layers * 2 * kv_heads * head_dim * dtype_bytes
+
+
+def server_budget(*, groups: int, group_size: int, eval_prompts: int, eval_k: int, servers: int,
+                  max_prompt_tokens: int, max_new_tokens: int, margin: float = KV_TOKENS_MARGIN) -> ServerBudget:
+    """The budget of each of `servers` servers: a rollout of `groups` prompts x `group_size` samples, or an
+    evaluation of `eval_prompts` x `eval_k` (its greedy pass is the same prompts x 1), whichever is larger. The
+    client deals prompts round-robin over the servers, so one server holds at most ceil(prompts / servers) of them,
+    every sample one request of up to max_prompt_tokens + max_new_tokens tokens."""
+    if min(group_size, eval_k, servers, max_prompt_tokens, max_new_tokens) < 1 or min(groups, eval_prompts) < 0:
+        raise ValueError(f"server_budget needs positive sizes, got groups={groups}, group_size={group_size}, "
+                         f"eval_prompts={eval_prompts}, eval_k={eval_k}, servers={servers}, "
+                         f"max_prompt_tokens={max_prompt_tokens}, max_new_tokens={max_new_tokens}")
+    share = lambda prompts: -(-prompts // servers)  # noqa: E731 - ceil
+    requests = max(share(groups) * group_size, share(eval_prompts) * eval_k, 1)
+    return ServerBudget(max_running_requests=requests,
+                        max_total_tokens=math.ceil(requests * (max_prompt_tokens + max_new_tokens) * margin))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Supervised processes
+# ---------------------------------------------------------------------------------------------------------
+
+OOM_HINT = ("likely the kernel's OOM killer (check `dmesg`/the memory of the trainer and the server's KV cache, "
+            "rollout.max_total_tokens)")
+
+
+def describe_exit(returncode: int) -> str:
+    """A process's exit status in words: 'exited with code 1'; a negative one (Popen's, multiprocessing's) is the
+    signal that killed it: 'was killed by SIGKILL (exit status -9): likely the kernel's OOM killer (...)'."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    hint = f": {OOM_HINT}" if -returncode == signal.SIGKILL else ""
+    return f"was killed by {name} (exit status {returncode}){hint}"
 
 
 class _PortTaken(Exception):
@@ -133,7 +205,7 @@ class SupervisedProcess:
                 self.wait_ready(self.startup_timeout_s)
                 return self
             except _PortTaken:
-                self.stop()
+                self.stop(report=False)
                 if attempt == attempts - 1:
                     raise RolloutError(f"{self.name}: port {self.port} and {attempts - 1} others were taken "
                                        f"while it started; log {self.log_path}") from None
@@ -146,7 +218,7 @@ class SupervisedProcess:
         missing = "not started"
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RolloutError(f"{self.name} exited with code {self.process.returncode} during start-up; "
+                raise RolloutError(f"{self.name} {self.failure()} during start-up; "
                                    f"log {self.log_path}:\n{self.log_tail()}")
             ok, missing = self.ready()
             if ok:
@@ -154,7 +226,7 @@ class SupervisedProcess:
             if self._port_taken():
                 raise _PortTaken
             time.sleep(0.5)
-        self.stop()
+        self.stop(report=False)
         raise RolloutError(f"{self.name} at {self.url} not ready after {timeout_s:.0f} s "
                            f"(startup_timeout_s; {missing}); log {self.log_path}:\n{self.log_tail()}")
 
@@ -172,15 +244,35 @@ class SupervisedProcess:
         except OSError:
             return "(no log)"
 
+    def _log_since_start(self, max_bytes: int = 1 << 20) -> bytes:
+        """The current attempt's output, its last `max_bytes` at most (a long run's log grows without bound)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(self._log_offset, size - max_bytes))
+                return log.read()
+        except OSError:
+            return b""
+
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def failure(self) -> str | None:
+        """Why the process died, in words ('exited with code 1', 'was killed by SIGKILL ...: likely the
+        kernel's OOM killer ...'); None while it runs."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        return describe_exit(self.process.returncode)
+
+    def stop(self, grace_s: float = 15.0, report: bool = True) -> None:
         """Stop the process and every process it spawned. SIGTERM goes to the leader only, which drains and
         stops its children (signalling SGLang's whole group kills the scheduler first, which the leader treats
-        as a crash: a diagnostics pause, then SIGKILL of itself); whatever is left after `grace_s` is killed."""
+        as a crash: a diagnostics pause, then SIGKILL of itself); whatever is left after `grace_s` is killed.
+        A process found dead (or dying) is reported with why (`failure`) as a warning, unless `report` is False."""
         if self.process is None:
             return
+        if report and (reason := self.failure()) is not None:
+            get_logger().warning(f"{self.name} at {self.url} {reason}; log {self.log_path}")
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -224,11 +316,34 @@ class SGLangServer(SupervisedProcess):
             cmd += ["--mem-fraction-static", str(c.mem_fraction_static)]
         if c.max_total_tokens is not None:
             cmd += ["--max-total-tokens", str(c.max_total_tokens)]
+        if c.max_running_requests is not None:
+            cmd += ["--max-running-requests", str(c.max_running_requests)]
         if not _cuda_available():
             cmd += list(CPU_FLAGS)
         dtype = "float32" if c.dtype == "auto" and not _cuda_available() else c.dtype
         cmd += ["--dtype", dtype]
         return cmd + list(c.extra_args)
+
+    # SGLang's launcher watches its scheduler and detokenizer processes: when one dies it logs the first line,
+    # when one raises the second, and either way it then kills its own process tree, itself with SIGKILL.
+    _CHILD_DIED = re.compile(rb"Subprocess (\S+) \(pid=(\d+)\) crashed with exit code (-?\d+)")
+    _CHILD_RAISED = re.compile(rb"(\w+) hit an exception")
+
+    def failure(self) -> str | None:
+        """Why the server died or is dying: the launcher's own exit status, or, when one of its processes died
+        first (the launcher then kills itself: its SIGKILL says nothing), which process and how."""
+        own = super().failure()
+        log = self._log_since_start()
+        if died := self._CHILD_DIED.search(log):
+            name, pid, code = died[1].decode(errors="replace"), int(died[2]), int(died[3])
+            child = f"its {name} process (pid {pid}) {describe_exit(code)}"
+        elif raised := self._CHILD_RAISED.search(log):
+            child = f"its {raised[1].decode(errors='replace')} raised an exception (the traceback is in the log)"
+        else:
+            return own
+        if own is None:
+            return f"is shutting down: {child}"
+        return f"stopped (exit status {self.process.returncode}): {child}"
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ, **self.cfg.env}
