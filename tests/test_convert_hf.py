@@ -23,7 +23,8 @@ from megatron_gvpo.models.hf_io import SafetensorsCheckpoint
 from tests.test_megatron_model import megatron_logits_run, tiny_hf_model
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("mistral", False), ("mistral", True)]
+FAMILIES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("mistral", False), ("mistral", True),
+            ("qwen3", False), ("qwen3", True)]
 
 
 def save_hf(tmp_path: Path, model_type: str, tied: bool, dtype=torch.float32) -> Path:
@@ -108,7 +109,7 @@ def test_export_loads_in_transformers_with_the_same_logits_and_converts_dtype(tm
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)])
-@pytest.mark.parametrize("model_type, tied", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("model_type, tied", [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_imported_checkpoint_logits_equal_transformers(gloo, tmp_path, model_type, tied, tp, pp):
     # Imported with the padding of TP=1 (128 rows), loaded at TP=2 (256 rows) too.
     hf_dir = save_hf(tmp_path, model_type, tied)

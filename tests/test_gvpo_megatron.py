@@ -185,6 +185,9 @@ def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs,
         # Tied on one stage: the lookup's gradient comes through DDP's hook, the head's straight into main_grad.
         ("qwen2", True, 1, 1, 1, 4, "group_atomic"),
         ("qwen2", True, 2, 1, 1, 2, "prepass"),
+        # q/k norms: each TP rank normalises its own heads, so their gradients are summed over TP.
+        ("qwen3", False, 2, 1, 1, 4, "group_atomic"),
+        ("qwen3", True, 2, 2, 1, 4, "group_atomic"),
     ],
 )
 def test_fused_logprob_head_gives_the_same_gradient(gloo, model_type, tied, tp, pp, dp, mbs, strategy):
@@ -207,6 +210,7 @@ def test_fused_logprob_head_gives_the_same_gradient(gloo, model_type, tied, tp, 
         ("llama", False, 2, 1, 2, 2, "allgather", True, 9),
         ("qwen2", True, 2, 1, 1, 4, "group_atomic", True, SEQ),
         ("qwen2", True, 2, 2, 1, 4, "group_atomic", False, 9),
+        ("qwen3", False, 2, 1, 1, 4, "group_atomic", True, SEQ),
     ],
 )
 def test_sequence_parallel_gives_the_same_gradient(gloo, model_type, tied, tp, pp, dp, mbs, strategy, fused, seq):

@@ -30,6 +30,9 @@ def tiny_hf_config(model_type: str, tied: bool):
         )
     if model_type == "qwen2":
         return transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if model_type == "qwen3":  # q/k norms, and a head_dim that is not hidden_size / heads (as in Qwen3-4B)
+        return transformers.Qwen3Config(**common, head_dim=24, rope_parameters={"rope_type": "default",
+                                                                                "rope_theta": 1e6})
     return transformers.MistralConfig(**common, head_dim=24, sliding_window=4096)
 
 
@@ -47,7 +50,8 @@ def tiny_hf_model(model_type: str, tied: bool, seed: int = 0):
     return model
 
 
-CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("mistral", False)]
+CASES = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True), ("mistral", False), ("qwen3", False),
+         ("qwen3", True)]
 
 
 @pytest.mark.parametrize("model_type, tied", CASES)
@@ -143,7 +147,7 @@ def test_logits_equal_hf_single_process(gloo, model_type, tied):
 
 PARALLEL_CASES = [(m, t, tp, pp) for m, t in [("llama", False), ("qwen2", True)] for tp, pp in [(2, 1), (1, 2), (2, 2)]]
 # Mistral's explicit head_dim (24 != hidden / heads) is split over TP like every other family's heads.
-PARALLEL_CASES += [("mistral", False, 2, 1), ("mistral", False, 2, 2)]
+PARALLEL_CASES += [("mistral", False, 2, 1), ("mistral", False, 2, 2), ("qwen3", True, 2, 1), ("qwen3", False, 2, 2)]
 
 
 @pytest.mark.parametrize("model_type, tied, tp, pp", PARALLEL_CASES)
@@ -156,7 +160,8 @@ def test_logits_equal_hf_parallel(gloo, model_type, tied, tp, pp):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; supported: \['llama', 'mistral', 'qwen2'\]"),
+        (dict(model_type="gpt2"),
+         r"model_type='gpt2' is not supported; supported: \['llama', 'mistral', 'qwen2', 'qwen3'\]"),
         (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
         (dict(attention_bias=True), r"attention_bias=True is not supported"),
         (dict(num_key_value_heads=3), r"num_attention_heads=4 is not a multiple of num_key_value_heads=3"),

@@ -485,3 +485,52 @@ def test_gumbel_max_draws_from_the_tempered_softmax():
     assert ((freq - want).abs() <= 4 * (want * (1 - want) / len(draws)).sqrt() + 1e-12).all(), (freq, want)
     assert int(draws[4]) == int(gumbel_max(logits, [4], [3], [0.7]))
     assert not (gumbel_max(logits.expand(200, -1), [5] * 200, list(range(200)), [0.7] * 200) == 0).all()
+
+
+@pytest.fixture(scope="module")
+def qwen3_dirs(tmp_path_factory):
+    """(a tiny random Qwen3, q/k norms and head_dim 24 != hidden / heads, with the addition tokenizer; its
+    import + export), like `sglang_model_dirs` for Llama."""
+    import transformers
+
+    from megatron_gvpo.data import addition
+    from megatron_gvpo.megatron.convert import export_hf, import_hf
+
+    root = tmp_path_factory.mktemp("tiny_qwen3")
+    addition.build_tokenizer(root / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # random norms too, so the q/k norm mapping matters
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.3)
+    model.save_pretrained(root / "hf")
+    import_hf(root / "hf", root / "megatron", tp=2, progress=False)
+    export_hf(root / "megatron", root / "export", progress=False)
+    return root / "hf", root / "export"
+
+
+def test_qwen3_is_served_like_transformers_and_synced_from_the_trainer(gloo, qwen3_dirs, tmp_path, ps):
+    """Qwen3 through the whole rollout path: SGLang serves the export with transformers' greedy tokens, and
+    after a TP2 x PP2 trainer step and a distributed weight sync it scores like the trainer's Megatron model."""
+    from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
+
+    with SGLangServer(SGLangServerConfig(model_path=str(qwen3_dirs[1]), max_total_tokens=4096)) as server:
+        for prompt in ps:
+            want_ids, want_lp = hf_greedy(qwen3_dirs[0], prompt, 4)
+            (sample,) = SGLangClient([server.url]).generate([prompt], SamplingParams(temperature=0.0,
+                                                                                    max_new_tokens=4))[0]
+            assert sample.token_ids == want_ids
+            assert max(abs(a - b) for a, b in zip(sample.logprobs, want_lp, strict=True)) < 1e-4
+        trainer, before, after = gloo.run(4, weight_sync_run, str(qwen3_dirs[0]), server.url,
+                                          str(tmp_path / "sync"), "distributed")[0]
+    assert max(abs(a - b) for a, b in zip(trainer, before, strict=True)) > 1e-2
+    assert max(abs(a - b) for a, b in zip(trainer, after, strict=True)) < 1e-4

@@ -1,4 +1,5 @@
-"""Model provider: a Megatron-Core `GPTModel` for an `Arch` (Llama, Qwen2, Mistral) on any TP/PP/VPP layout.
+"""Model provider: a Megatron-Core `GPTModel` for an `Arch` (Llama, Qwen2, Qwen3, Mistral) on any TP/PP/VPP
+layout.
 
 One function translates the architecture plus the parallel layout into Megatron's `TransformerConfig`; one
 builds the model chunk of a pipeline stage. The layer spec is Transformer Engine's when TE is importable and
@@ -101,6 +102,9 @@ def transformer_config(
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        # Read by the layer spec's q/k norms and by finalize_model_grads, which sums their gradients over TP
+        # (each TP rank normalises only its own heads) only when this is set.
+        qk_layernorm=arch.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -134,9 +138,9 @@ def build_gpt_model(
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
         if config.sequence_parallel:
             spec = _sequence_parallel_local_spec(spec, config, vp_stage)
     return GPTModel(

@@ -24,7 +24,7 @@ class Arch:
     """A decoder-only transformer with RMSNorm, SwiGLU MLP, RoPE and grouped-query attention."""
 
     model_type: str
-    """HF model_type (the registry key): 'llama', 'qwen2' or 'mistral'."""
+    """HF model_type (the registry key): 'llama', 'qwen2', 'qwen3' or 'mistral'."""
     vocab_size: int
     """Vocabulary size as in the HF checkpoint (before any padding for tensor parallelism)."""
     hidden_size: int
@@ -44,6 +44,8 @@ class Arch:
     sliding_window: int | None
     """Attention window (Mistral); the local attention implementation is full causal, so sequences must not
     exceed it (checked by `check_sequence_length`)."""
+    qk_norm: bool = False
+    """RMSNorm over head_dim on every query and key head before RoPE (Qwen3's q_norm / k_norm)."""
 
     @property
     def heads_per_group(self) -> int:
@@ -105,6 +107,7 @@ class Family:
 
     qkv_bias: Callable[[Any], bool]
     sliding_window: Callable[[Any], int | None] = lambda cfg: None
+    qk_norm: bool = False
 
 
 def _mistral_window(cfg: Any) -> int | None:
@@ -119,6 +122,8 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(qkv_bias=_llama_qkv_bias),
     "qwen2": Family(qkv_bias=lambda cfg: True, sliding_window=_qwen2_window),
     "mistral": Family(qkv_bias=lambda cfg: False, sliding_window=_mistral_window),
+    # Qwen3's attention_bias, like Llama's, would also put a bias on o_proj.
+    "qwen3": Family(qkv_bias=_llama_qkv_bias, sliding_window=_qwen2_window, qk_norm=True),
 }
 
 
@@ -150,6 +155,7 @@ def arch_from_hf(cfg: Any) -> Arch:
         tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         max_position_embeddings=_get(cfg, "max_position_embeddings"),
         sliding_window=family.sliding_window(cfg),
+        qk_norm=family.qk_norm,
     )
 
 

@@ -53,6 +53,8 @@ LLAMA_STYLE_LAYER = [
         "qkv",
         when=lambda a: a.qkv_bias,
     ),
+    Rule(_M + "self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), when=lambda a: a.qk_norm),
+    Rule(_M + "self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), when=lambda a: a.qk_norm),
     Rule(_M + "self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",)),
     Rule(_M + "pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",)),
     Rule(_M + "mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "gate_up"),
@@ -64,6 +66,7 @@ LLAMA_STYLE = (LLAMA_STYLE_FIRST, LLAMA_STYLE_LAYER, LLAMA_STYLE_LAST)
 NAME_MAPS: dict[str, tuple[list[Rule], list[Rule], list[Rule]]] = {
     "llama": LLAMA_STYLE,
     "qwen2": LLAMA_STYLE,
+    "qwen3": LLAMA_STYLE,
     "mistral": LLAMA_STYLE,
 }
 """model_type -> (rules before the layers, rules of every layer with {i}, rules after the layers)."""
