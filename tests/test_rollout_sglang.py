@@ -489,33 +489,10 @@ def test_gumbel_max_draws_from_the_tempered_softmax():
 
 @pytest.fixture(scope="module")
 def qwen3_dirs(tmp_path_factory):
-    """(a tiny random Qwen3, q/k norms and head_dim 24 != hidden / heads, with the addition tokenizer; its
-    import + export), like `sglang_model_dirs` for Llama."""
-    import transformers
+    """A tiny random Qwen3 (q/k norms, head_dim 24 != hidden / heads) and its export (`served_model_dirs`)."""
+    from tests.conftest import served_model_dirs
 
-    from megatron_gvpo.data import addition
-    from megatron_gvpo.megatron.convert import export_hf, import_hf
-
-    root = tmp_path_factory.mktemp("tiny_qwen3")
-    addition.build_tokenizer(root / "hf")
-    tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
-    torch.manual_seed(0)
-    config = transformers.Qwen3Config(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, max_position_embeddings=4096, eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # random norms too, so the q/k norm mapping matters
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0, 0.3)
-    model.save_pretrained(root / "hf")
-    import_hf(root / "hf", root / "megatron", tp=2, progress=False)
-    export_hf(root / "megatron", root / "export", progress=False)
-    return root / "hf", root / "export"
+    return served_model_dirs(tmp_path_factory.mktemp("tiny_qwen3"), "Qwen3Config", random_norms=True, head_dim=24)
 
 
 def test_qwen3_is_served_like_transformers_and_synced_from_the_trainer(gloo, qwen3_dirs, tmp_path, ps):

@@ -39,14 +39,12 @@ class PromptEncoder:
         self.vocab_size = vocab_size
         # Either kind of tokenizer behind one encode(); refuses a tokenizer with ids the model has no row for.
         self._adapted = _adapt_tokenizer(tokenizer, OfflineDataConfig(append_eos=False), vocab_size)
-        self.template: str | None = None
+        self.template: str | None = getattr(tokenizer, "chat_template", None)
         if cfg.chat_template_path:
             path = Path(cfg.chat_template_path)
             if not path.is_file():
                 raise ValueError(f"prompts.chat_template_path {str(path)!r} does not exist")
             self.template = path.read_text(encoding="utf-8")
-        else:
-            self.template = getattr(tokenizer, "chat_template", None)
 
     # ------------------------------------------------------------------------------------------------
     def text(self, text: str, field: str) -> tuple[tuple[int, ...], str]:
@@ -87,22 +85,20 @@ class PromptEncoder:
 
 
 def _check_messages(messages: Any, field: str) -> list[dict]:
+    """`messages` itself once every message has a non-empty string role and a string content; else RowError."""
     if not isinstance(messages, list):
         raise RowError(f"{field}: expected a list of messages, got {type(messages).__name__}")
     if not messages:
         raise RowError(f"{field}: an empty conversation")
-    out = []
     for i, message in enumerate(messages):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
             raise RowError(f"{where}: expected a message object {{'role', 'content'}}, got {type(message).__name__}")
-        role = message.get("role")
+        role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role:
-            raise RowError(f"{where}.role: " + ("missing" if role is None else f"expected a non-empty string, got "
-                                                                              f"{role!r}"))
-        if not isinstance(message.get("content"), str):
-            content = message.get("content")
+            raise RowError(f"{where}.role: " + ("missing" if role is None else
+                                                f"expected a non-empty string, got {role!r}"))
+        if not isinstance(content, str):
             raise RowError(f"{where}.content: " + ("missing" if content is None else
                                                    f"expected a string, got {type(content).__name__}"))
-        out.append(message)
-    return out
+    return messages

@@ -334,7 +334,8 @@ def _parse_row(
             except RowError as e:
                 raise _BadRow("bad_schema", *str(e).split(": ", 1)) from None
         else:
-            prompt_ids = _check_tokenized(tokenizer.encode(prompt, cfg.prompt_add_special_tokens), "prompt", vocab_size)
+            ids = tokenizer.encode(prompt, cfg.prompt_add_special_tokens)
+            prompt_ids = _check_tokenized(ids, "prompt", vocab_size)
     else:
         prompt_ids = _check_ids(row["prompt_ids"], "prompt_ids", vocab_size)
     if not prompt_ids:

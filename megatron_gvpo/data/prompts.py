@@ -31,6 +31,7 @@ resumable), the same sampler the offline groups use.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -195,7 +196,7 @@ def load_prompts(path: str | list[str], cfg: PromptDataConfig, tokenizer: Any, v
             stats.skipped += 1
             stats.first_error = stats.first_error or message
             continue
-        prompts.append(Prompt(prompt.ids, prompt.text, prompt.label, where, prompt.data_source))
+        prompts.append(dataclasses.replace(prompt, source=where))
     stats.kept = len(prompts)
     if not prompts:
         raise ValueError(f"{field_name} {path}: no usable prompt ({stats.summary()})")

@@ -136,6 +136,10 @@ def _datasets_records(path: Path, field: str) -> Iterator[tuple[str, Any]]:
             ds = datasets.load_dataset(_DATASETS_SUFFIXES[path.suffix], data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - arrow/parquet readers raise many types; name the file either way
         raise ValueError(f"cannot read {field} {path}: {type(e).__name__}: {e}") from e
+    yield from _table_rows(path, ds)
+
+
+def _table_rows(path: Path, ds) -> Iterator[tuple[str, Any]]:
     for index, row in enumerate(ds):
         yield f"{path}[{index}]", drop_nulls(row)
 
@@ -147,8 +151,7 @@ def _directory_records(path: Path, field: str) -> Iterator[tuple[str, Any]]:
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(f"{field} {path} holds splits {list(ds)}; point it at one split's directory "
                              f"(e.g. {path / next(iter(ds))})")
-        for index, row in enumerate(ds):
-            yield f"{path}[{index}]", drop_nulls(row)
+        yield from _table_rows(path, ds)
         return
     files = sorted(p for p in path.iterdir() if p.suffix == ".parquet")
     if not files:

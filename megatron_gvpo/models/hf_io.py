@@ -46,15 +46,21 @@ def _missing(field: str, path: str | Path, what: str) -> str:
     return f"{field} {str(path)!r} does not exist{where}; it must be {what}"
 
 
-def check_model_paths(path: str, tokenizer: str = "", load: str = "") -> None:
-    """ValueError naming the field when model.path, model.tokenizer or model.load (where given) does not exist or
-    is the wrong kind of path: before anything is loaded, so a missing directory is not mistaken for a model
-    name on the Hugging Face hub (transformers' 'Repo id must be in the form ...')."""
+def _config_file(path: str | Path) -> Path:
+    """The config.json of model.path (a model directory or the file itself); ValueError naming the field."""
     p = Path(path)
     if not p.exists():
         raise ValueError(_missing("model.path", path, MODEL_PATH))
     if p.is_dir() and not (p / "config.json").is_file():
-        raise ValueError(f"model.path {path!r} is a directory without config.json; it must be {MODEL_PATH}")
+        raise ValueError(f"model.path {str(path)!r} is a directory without config.json; it must be {MODEL_PATH}")
+    return p / "config.json" if p.is_dir() else p
+
+
+def check_model_paths(path: str, tokenizer: str = "", load: str = "") -> None:
+    """ValueError naming the field when model.path, model.tokenizer or model.load (where given) does not exist or
+    is the wrong kind of path: before anything is loaded, so a missing directory is not mistaken for a model
+    name on the Hugging Face hub (transformers' 'Repo id must be in the form ...')."""
+    _config_file(path)
     if tokenizer and not Path(tokenizer).exists():
         raise ValueError(_missing("model.tokenizer", tokenizer, TOKENIZER_PATH))
     if tokenizer and not Path(tokenizer).is_dir():
@@ -68,12 +74,7 @@ def load_hf_config(path: str | Path):
     """A transformers config from a model directory or a config.json file (offline; nothing is downloaded)."""
     import transformers
 
-    p = Path(path)
-    file = p / "config.json" if p.is_dir() else p
-    if not p.exists():
-        raise ValueError(_missing("model.path", path, MODEL_PATH))
-    if not file.is_file():
-        raise ValueError(f"model.path={str(path)!r}: no config.json there")
+    file = _config_file(path)
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:

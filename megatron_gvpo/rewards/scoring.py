@@ -349,7 +349,8 @@ def score(
         status, value = outcomes[first.index]
         cause = value if status == "exception" else None
         raise RewardError(
-            f"{cfg.for_source(sources[first.index]).kind} reward failed for sample {first.index} (group {first.group_id}): {first.kind}: "
+            f"{cfg.for_source(sources[first.index]).kind} reward failed for sample {first.index} "
+            f"(group {first.group_id}): {first.kind}: "
             f"{first.message} ({len(errors)} of {n} samples failed; reward.on_error='raise')"
         ) from cause
     dropped = sorted({f.group_id for f in errors}) if cfg.on_error == "drop_group" else []
