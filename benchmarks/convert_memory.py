@@ -1,30 +1,33 @@
-"""Peak memory and throughput of `tools/convert_hf.py` on a synthetic ~2 GB checkpoint.
+"""Peak memory and throughput of `tools/convert_hf.py` on synthetic ~1-2 GB checkpoints.
 
-What it measures: a Llama-style HF checkpoint of random fp32 weights (hidden 2048, 8 layers, FFN 5632, 16
-heads / 4 KV heads, vocabulary 32000, untied; about 2.0 GB in 1 GB safetensors shards) is written tensor by
-tensor, then, each in a fresh process:
+What it measures: two HF checkpoints of random fp32 weights, written tensor by tensor in 1 GB safetensors
+shards: a dense Llama (hidden 2048, 8 layers, FFN 5632, 16 heads / 4 KV heads, vocabulary 32000, untied;
+about 2.0 GB in 51 large tensors) and a Qwen3-MoE (hidden 1024, 4 layers, 32 experts of FFN 512, 16 heads /
+4 KV heads of 64, vocabulary 32000, untied; about 1.1 GB in 430 tensors, most of them 2 MB expert matrices).
+For each, in a fresh process each:
 
     import     `megatron_gvpo.megatron.convert.import_hf` HF -> Megatron checkpoint (TP=1 padding)
     export     `export_hf` Megatron checkpoint -> HF, into 512 MiB safetensors shards (streamed, no buffer)
     baseline   plain safetensors: `load_file` of each input shard and `save_file` of the same tensors, i.e.
-               reading and writing the same bytes with no conversion (the whole shard in memory at once)
+               reading and writing the same bytes with no conversion (the whole shard in memory at once),
+               flushed to the disk at the end as the converter's output is
 
-Each process first runs its task on a tiny checkpoint, so imports and one-time set-up (transformers, Megatron,
-the gloo group) count in neither peak nor time; their cost is a few seconds per run. Two peaks, both relative
-to the moment before the measured task: 'allocated' is the peak of `RssAnon` (memory the process allocated;
-sampled every 2 ms), the quantity the goal is about; 'resident' is the high-water mark `VmHWM`, which also
-counts file pages that safetensors' mmap reads map into the process (page cache, reclaimable). The goal
-(issue: converter) is a peak below 1.5x the largest tensor plus the configured buffer (neither direction
-buffers). Throughput is bytes converted per second, reported as a ratio to the baseline's.
-Every task runs twice (rounds alternate the three), after `os.sync()` so that no task pays for writing back
-the previous one's dirty pages; the table has the faster time and the higher peaks of the two. The page cache
-is not dropped (no root), alike for all three.
+Each process first runs its task on a tiny checkpoint of the same family, so imports and one-time set-up
+(transformers, Megatron, the gloo group) count in neither peak nor time; their cost is a few seconds per run.
+Two peaks, both relative to the moment before the measured task: 'allocated' is the peak of `RssAnon` (memory
+the process allocated; sampled every 2 ms), the quantity the goal is about; 'resident' is the high-water mark
+`VmHWM`, which also counts file pages that safetensors' mmap reads map into the process (page cache,
+reclaimable). The goal (issue: converter) is a peak below 1.5x the largest tensor plus the configured buffer
+(neither direction buffers). Throughput is bytes converted per second, reported as a ratio to the baseline's
+on the same checkpoint. Every task runs twice (rounds alternate the three), after `os.sync()` so that no task
+pays for writing back the previous one's dirty pages (nor, since none of the three syncs its own output, for
+writing back its own); the table has the faster time and the higher peaks of the two. The page cache is not
+dropped (no root), alike for all three: these are page-cache speeds, not disk speeds.
 
-Vocabulary 32000 is a multiple of 128, so import adds no padding rows; a vocabulary that needs padding makes
-import hold the embedding twice while it pads it (2x the largest tensor), which this benchmark does not cover.
+Vocabulary 32000 is a multiple of 128, so import adds no padding rows (padding zeroes the rows, in place).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert_memory.py          # writes benchmarks/results/...
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert_memory.py --quick    # ~100 MB, prints only
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert_memory.py --quick    # ~100 MB each, prints only
 """
 
 from __future__ import annotations
@@ -45,12 +48,19 @@ from _common import RESULTS, publish  # before the project: puts the repository 
 
 DEFAULT_OUT = RESULTS / "convert_memory.md"
 
-FULL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-            num_key_value_heads=4, vocab_size=32000)
-QUICK = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=2, vocab_size=16000)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256)
+LLAMA = dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+             num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
+MOE = dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+           head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, intermediate_size=2048,
+           vocab_size=32000)
+QUICK = {"llama": dict(LLAMA, hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=2, vocab_size=16000),
+         "qwen3_moe": dict(MOE, hidden_size=256, num_hidden_layers=2, num_experts=16, moe_intermediate_size=256,
+                           vocab_size=16000)}
+TINY = {"llama": dict(LLAMA, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256),
+        "qwen3_moe": dict(MOE, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, vocab_size=256)}
 EXPORT_SHARD = 512 * 2**20
 ROUNDS = 2
 
@@ -67,8 +77,33 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def make_checkpoint(directory: Path, shape: dict) -> tuple[int, int]:
-    """Random HF Llama weights for `shape`, written tensor by tensor; returns (total bytes, largest tensor)."""
+def hf_shapes(config) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes as saved on disk, from transformers' model on the meta device (no memory).
+    transformers 5 keeps a MoE layer's experts fused in memory ([experts, 2 * FFN, hidden] gate_up_proj,
+    [experts, hidden, FFN] down_proj) and saves them per expert, as checkpoints on the hub are."""
+    import torch
+    import transformers
+
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config)
+    shapes = {}
+    for name, p in meta.state_dict().items():
+        prefix = name.removesuffix("gate_up_proj").removesuffix("down_proj")
+        if name.endswith("experts.gate_up_proj"):
+            for e in range(p.shape[0]):
+                shapes[f"{prefix}{e}.gate_proj.weight"] = shapes[f"{prefix}{e}.up_proj.weight"] = (p.shape[1] // 2,
+                                                                                                  p.shape[2])
+        elif name.endswith("experts.down_proj"):
+            for e in range(p.shape[0]):
+                shapes[f"{prefix}{e}.down_proj.weight"] = tuple(p.shape[1:])
+        else:
+            shapes[name] = tuple(p.shape)
+    return shapes
+
+
+def make_checkpoint(directory: Path, shape: dict) -> tuple[int, int, int]:
+    """Random HF weights for `shape` (with its model_type), written tensor by tensor; returns (total bytes,
+    largest tensor, number of tensors)."""
     import torch
     import transformers
 
@@ -76,15 +111,12 @@ def make_checkpoint(directory: Path, shape: dict) -> tuple[int, int]:
     from megatron_gvpo.models.hf_io import SafetensorsStreamWriter
     from megatron_gvpo.models.hf_maps import expected_hf_names
 
-    config = transformers.LlamaConfig(**shape, tie_word_embeddings=False, max_position_embeddings=4096)
+    config = transformers.AutoConfig.for_model(**shape, tie_word_embeddings=False, max_position_embeddings=4096)
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
-    # Shapes from the model on the meta device: no memory.
-    with torch.device("meta"):
-        meta = transformers.AutoModelForCausalLM.from_config(config)
-    shapes = {n: p.shape for n, p in meta.state_dict().items()}
+    shapes = hf_shapes(config)
     assert set(shapes) == expected_hf_names(arch_from_hf(config))
-    writer = SafetensorsStreamWriter(directory, [(n, tuple(s), torch.float32) for n, s in shapes.items()], 2**30)
+    writer = SafetensorsStreamWriter(directory, [(n, s, torch.float32) for n, s in shapes.items()], 2**30)
     g = torch.Generator().manual_seed(0)
     total = largest = 0
     for name, s in shapes.items():
@@ -92,7 +124,7 @@ def make_checkpoint(directory: Path, shape: dict) -> tuple[int, int]:
         total, largest = total + t.nbytes, max(largest, t.nbytes)
         writer.write(name, t)
     writer.close()
-    return total, largest
+    return total, largest, len(shapes)
 
 
 def child(task: str, src: str, dst: str, warm_src: str, warm_dst: str) -> None:
@@ -100,6 +132,7 @@ def child(task: str, src: str, dst: str, warm_src: str, warm_dst: str) -> None:
     task runs first on a tiny checkpoint, so that imports and one-time set-up (transformers, Megatron, gloo)
     count in neither the peaks nor the time."""
     run_task(task, warm_src, warm_dst)
+    shutil.rmtree(dst, ignore_errors=True)  # the previous round's output: deleting it is no part of the task
     base, base_anon = rss_kib("VmRSS"), rss_kib("RssAnon")
     reset_peak()
     sampler = AnonSampler()
@@ -151,6 +184,9 @@ def run_task(task: str, src: str, dst: str) -> int:
             nbytes += sum(t.nbytes for t in tensors.values())
             save_file(tensors, str(Path(dst) / f.name))
             del tensors
+        # The converter flushes its output to the disk before publishing it (convert.atomic_output_dir); a
+        # baseline that left its bytes in the page cache would be measured doing less.
+        convert._fsync_tree(Path(dst))
         return nbytes
 
 
@@ -159,6 +195,39 @@ def run_child(task: str, src: Path, dst: Path, warm: tuple[Path, Path]) -> dict:
     cmd = [sys.executable, __file__, "--child", task, str(src), str(dst), str(warm[0]), str(warm[1])]
     out = subprocess.run(cmd, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(work: Path, shape: dict, tiny: dict) -> tuple[dict[str, dict], dict]:
+    """Both rounds of the three tasks on one synthetic checkpoint: ({task: best result}, checkpoint facts)."""
+    name = shape["model_type"]
+    total, largest, count = make_checkpoint(work / f"{name}_hf", shape)
+    make_checkpoint(work / f"{name}_tiny_hf", tiny)
+    warm = {"baseline": (work / f"{name}_tiny_hf", work / f"{name}_tiny_copy"),
+            "import": (work / f"{name}_tiny_hf", work / f"{name}_tiny_megatron"),
+            "export": (work / f"{name}_tiny_megatron", work / f"{name}_tiny_export")}
+    print(f"synthetic {name} checkpoint: {total / 1e9:.2f} GB in {count} tensors, largest {largest / 2**20:.0f} MiB",
+          flush=True)
+    results: dict[str, dict] = {}
+    for round_ in range(ROUNDS):
+        for task, src, dst in (("baseline", "hf", "copy"), ("import", "hf", "megatron"),
+                               ("export", "megatron", "export")):
+            os.sync()  # no task pays for the previous one's dirty pages being written back
+            r = run_child(task, work / f"{name}_{src}", work / f"{name}_{dst}", warm[task])
+            print(f"[{name} round {round_ + 1}] {task}: {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.2f} s, "
+                  f"allocated {r['peak_anon'] / 2**20:.0f} MiB", flush=True)
+            best = results.get(task)
+            results[task] = {
+                "bytes": r["bytes"], "seconds": min(r["seconds"], best["seconds"]) if best else r["seconds"],
+                "peak": max(r["peak"], best["peak"]) if best else r["peak"],
+                "peak_anon": max(r["peak_anon"], best["peak_anon"]) if best else r["peak_anon"],
+            }
+    from megatron_gvpo.models.hf_io import SafetensorsCheckpoint
+
+    a, b = SafetensorsCheckpoint(work / f"{name}_hf"), SafetensorsCheckpoint(work / f"{name}_export")
+    identical = set(a) == set(b) and all(bool((a[n] == b[n]).all()) for n in a)
+    for d in work.glob(f"{name}_*"):
+        shutil.rmtree(d)
+    return results, {"total": total, "largest": largest, "count": count, "identical": identical}
 
 
 def main() -> None:
@@ -172,38 +241,14 @@ def main() -> None:
         return
 
     out = args.out if args.out is not None else (None if args.quick else DEFAULT_OUT)
-    shape = QUICK if args.quick else FULL
+    shapes = [QUICK["llama"], QUICK["qwen3_moe"]] if args.quick else [LLAMA, MOE]
     t_start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="convert_memory_"))
     try:
-        total, largest = make_checkpoint(work / "hf", shape)
-        make_checkpoint(work / "tiny_hf", TINY)
-        warm = {"baseline": (work / "tiny_hf", work / "tiny_copy"),
-                "import": (work / "tiny_hf", work / "tiny_megatron"),
-                "export": (work / "tiny_megatron", work / "tiny_export")}
-        print(f"synthetic checkpoint: {total / 1e9:.2f} GB, largest tensor {largest / 2**20:.0f} MiB", flush=True)
-        results: dict[str, dict] = {}
-        for round_ in range(ROUNDS):
-            for task, src, dst in (("baseline", work / "hf", work / "copy"), ("import", work / "hf", work / "megatron"),
-                                   ("export", work / "megatron", work / "export")):
-                os.sync()  # no task pays for the previous one's dirty pages being written back
-                r = run_child(task, src, dst, warm[task])
-                print(f"[round {round_ + 1}] {task}: {r['bytes'] / 1e9:.2f} GB in {r['seconds']:.1f} s, "
-                      f"allocated {r['peak_anon'] / 2**20:.0f} MiB", flush=True)
-                best = results.get(task)
-                results[task] = {
-                    "bytes": r["bytes"], "seconds": min(r["seconds"], best["seconds"]) if best else r["seconds"],
-                    "peak": max(r["peak"], best["peak"]) if best else r["peak"],
-                    "peak_anon": max(r["peak_anon"], best["peak_anon"]) if best else r["peak_anon"],
-                }
-        from megatron_gvpo.models.hf_io import SafetensorsCheckpoint
-
-        a, b = SafetensorsCheckpoint(work / "hf"), SafetensorsCheckpoint(work / "export")
-        identical = set(a) == set(b) and all(bool((a[n] == b[n]).all()) for n in a)
+        measured = [(shape, *measure(work, shape, TINY[shape["model_type"]])) for shape in shapes]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    base_rate = results["baseline"]["bytes"] / results["baseline"]["seconds"]
     buffers = {"baseline": 0, "import": 0, "export": 0}  # export streams into its 512 MiB shards
     lines = [
         "# tools/convert_hf.py: peak memory and throughput",
@@ -211,27 +256,34 @@ def main() -> None:
         f"Generated by `benchmarks/convert_memory.py{' --quick' if args.quick else ''}` on {socket.gethostname()}, "
         f"{datetime.date.today().isoformat()}, OMP_NUM_THREADS=1, total runtime {time.perf_counter() - t_start:.0f} s.",
         "",
-        f"Synthetic Llama checkpoint ({', '.join(f'{k}={v}' for k, v in shape.items())}, untied, fp32): "
-        f"{total / 1e9:.2f} GB, largest tensor {largest / 2**20:.0f} MiB. Each task in a fresh process, after a "
-        "warm-up on a tiny checkpoint; 'allocated' = peak RssAnon, 'resident' = VmHWM (includes mmap'd file "
-        "pages), both minus their values before the task. Goal: allocated < 1.5x the largest tensor + buffer.",
+        "Synthetic checkpoints of random fp32 weights, untied. Each task in a fresh process, after a warm-up on a "
+        "tiny checkpoint of the same family; 'allocated' = peak RssAnon, 'resident' = VmHWM (includes mmap'd file "
+        "pages), both minus their values before the task; the faster time and the higher peaks of two rounds. "
+        "Goal: allocated < 1.5x the largest tensor + buffer, throughput >= 0.8x the baseline (a plain safetensors "
+        "read and write of the same bytes). The page cache holds the files (page-cache speeds, not disk speeds).",
         "",
-        "| task | GB | seconds | GB/s | vs baseline | peak allocated [MiB] | peak resident [MiB] | buffer [MiB] | "
-        "allocated / (1.5 x largest + buffer) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | task | GB | seconds | GB/s | vs baseline | peak allocated [MiB] | peak resident [MiB] | "
+        "buffer [MiB] | allocated / (1.5 x largest + buffer) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for task, r in results.items():
-        rate = r["bytes"] / r["seconds"]
-        bound = 1.5 * largest + buffers[task]
-        lines.append(f"| {task} | {r['bytes'] / 1e9:.2f} | {r['seconds']:.1f} | {rate / 1e9:.2f} | "
-                     f"{rate / base_rate:.2f}x | {r['peak_anon'] / 2**20:.0f} | {r['peak'] / 2**20:.0f} | "
-                     f"{buffers[task] / 2**20:.0f} | {r['peak_anon'] / bound:.2f} |")
+    for shape, results, facts in measured:
+        base_rate = results["baseline"]["bytes"] / results["baseline"]["seconds"]
+        for task, r in results.items():
+            rate = r["bytes"] / r["seconds"]
+            bound = 1.5 * facts["largest"] + buffers[task]
+            lines.append(f"| {shape['model_type']} | {task} | {r['bytes'] / 1e9:.2f} | {r['seconds']:.2f} | "
+                         f"{rate / 1e9:.2f} | {rate / base_rate:.2f}x | {r['peak_anon'] / 2**20:.0f} | "
+                         f"{r['peak'] / 2**20:.0f} | {buffers[task] / 2**20:.0f} | {r['peak_anon'] / bound:.2f} |")
+    lines.append("")
+    for shape, _, facts in measured:
+        fields = ", ".join(f"{k}={v}" for k, v in shape.items() if k != "model_type")
+        lines.append(f"- {shape['model_type']} ({fields}): {facts['total'] / 1e9:.2f} GB in {facts['count']} "
+                     f"tensors, largest {facts['largest'] / 2**20:.0f} MiB; export after import is bitwise identical "
+                     f"to the input: {facts['identical']}.")
     lines += [
         "",
-        f"Export after import is bitwise identical to the input: {identical}.",
-        "",
         "The baseline maps whole 1 GB input shards (safetensors' mmap: resident, not allocated); import and "
-        "export hold about one parameter at a time.",
+        "export hold about one parameter at a time, in one buffer reused for every parameter.",
     ]
     publish("\n".join(lines) + "\n", out)
 

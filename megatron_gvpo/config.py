@@ -213,13 +213,24 @@ class ParallelConfig:
     """Megatron's sequence parallelism: with tp > 1, the activations outside the tensor-parallel matmuls (norms,
     residuals) are split over the TP ranks instead of replicated, for the same communication volume; rows are
     then padded to a multiple of tp tokens. No effect at tp = 1."""
+    ep: int = 1
+    """Expert-parallel size (mixture-of-experts models): each MoE layer's experts are split over ep ranks, which
+    Megatron carves out of the data-parallel (x context-parallel x tensor-parallel) ranks; tokens reach their
+    experts by all-to-all. Must divide the number of experts."""
+    etp: int | None = None
+    """Expert tensor-parallel size: how each expert's MLP is split; None = tp (Megatron's default). etp * ep must
+    divide tp * cp * dp."""
     world_size: int | None = None
     """Expected number of processes; None takes it from the launcher. DP = world_size / (tp * pp * cp)."""
 
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
     def validate(self) -> None:
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep", "expert_tp"):
             if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"parallel.{name.replace('expert_tp', 'etp')} must be >= 1, got {getattr(self, name)}")
         if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
             raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got {self.pp}) and vpp >= 1")
         if self.world_size is not None:
@@ -233,7 +244,38 @@ class ParallelConfig:
                 f"world size {world_size} is not a multiple of parallel.tp * parallel.pp * parallel.cp = "
                 f"{self.tp} * {self.pp} * {self.cp} = {model_parallel}"
             )
-        return world_size // model_parallel
+        dp = world_size // model_parallel
+        # Megatron lays the experts' (etp, ep, expert-dp) grid over the same tp * cp * dp ranks of a stage.
+        if (self.tp * self.cp * dp) % (self.expert_tp * self.ep):
+            raise ValueError(
+                f"parallel.etp * parallel.ep = {self.expert_tp} * {self.ep} must divide the {self.tp * self.cp * dp} "
+                f"ranks of a pipeline stage (tp * cp * dp = {self.tp} * {self.cp} * {dp} at world size {world_size})"
+            )
+        return dp
+
+
+@dataclass
+class MoEConfig:
+    """The router's auxiliary losses and token dispatch of mixture-of-experts models (unused for dense ones).
+
+    The losses are Megatron's, added to the GVPO loss the way Megatron adds them to the language-model loss
+    (their gradient averaged over micro-batches and data-parallel ranks) and logged separately. Off by default,
+    as in slime's MoE RL recipes: the objective is then GVPO's alone."""
+
+    aux_loss_coeff: float = 0.0
+    """Load-balancing loss coefficient (the checkpoints ship their pretraining value, e.g. 1e-3); 0 disables it."""
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss"] = "aux_loss"
+    """Megatron's load-balancing loss: per micro-batch ('aux_loss', GShard / Switch), per sequence
+    ('seq_aux_loss') or over the global batch ('global_aux_loss')."""
+    z_loss_coeff: float = 0.0
+    """Router z-loss coefficient (ST-MoE: keeps the router logits small); 0 disables it."""
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    """How tokens reach the experts of other EP ranks: Megatron's dropless all-to-all, or an all-gather."""
+
+    def validate(self) -> None:
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"moe.{name} must be >= 0, got {getattr(self, name)}")
 
 
 GroupStrategy = Literal["group_atomic", "allgather", "prepass"]
@@ -441,6 +483,8 @@ class Config:
     """The policy model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Megatron parallel layout."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Router losses and token dispatch of mixture-of-experts models."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     """GVPO hyper-parameters and the group strategy."""
     train: TrainConfig = field(default_factory=TrainConfig)

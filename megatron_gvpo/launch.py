@@ -289,6 +289,8 @@ def sglang_argv(cfg, model_dir: str, port: int, seed: int) -> list[str]:
         argv.append("--enable-deterministic-inference")
     if r.max_total_tokens is not None:
         argv += ["--max-total-tokens", str(r.max_total_tokens)]
+    if r.routing_replay:
+        argv.append("--enable-return-routed-experts")
     return argv
 
 

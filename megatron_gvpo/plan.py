@@ -23,6 +23,21 @@ The model is deliberately simple and states its assumptions (`Hardware`, `EFFICI
   time at the GPUs' dense bf16 peak.
 Response lengths are taken at rollout.max_new_tokens (an upper bound) and every row is model.seq_length long
 (the padded layout's cost).
+
+Mixture-of-experts models (`Arch.num_experts` > 0) add, under the same simplifications:
+- Parameters total and active per token (attention, dense MLPs, routers, the top-k experts of each MoE layer,
+  embeddings); FLOPs (training, prefill, decode) and MFU count the active ones.
+- Expert weights, fp32 gradients and Adam state per GPU: each MoE layer's experts split over parallel.ep ranks
+  and each expert over parallel.etp; the distributed optimizer shards the experts' state over the
+  expert-data-parallel group (edp = tp * cp * dp / (etp * ep)) and the dense parameters' over dp * cp.
+- Activations of a MoE layer: every token routed to top_k experts (balanced routing: each EP rank receives its
+  share), each routed copy keeping the expert's input, fc1 output and SwiGLU output; plus the router's scores.
+- The token dispatcher's traffic per MoE layer and micro-batch: dispatch and combine, forward and backward
+  (with `alltoall`, each rank sends tokens x top_k x hidden x (ep - 1) / ep elements each time), at
+  `EFFICIENCY["alltoall"]` of NVLink when the EP group lies inside a node and of the NIC for the part that leaves
+  it. The EP group is etp * ep consecutive ranks (Megatron's expert order etp-ep-dp-pp inside a pipeline
+  stage). Expert-TP's all-gather and reduce-scatter of routed tokens are not counted.
+- Decode reads the dense weights and the experts a step's batch touches (1 - (1 - top_k / E)^batch of them).
 """
 
 from __future__ import annotations
@@ -76,6 +91,10 @@ EFFICIENCY = {
     # Of FP8 peak: NVIDIA's published Llama-3 70B FP8 runs are ~1.3-1.4x faster than bf16, not the 2x of peak.
     "hbm": 0.7,  # of HBM bandwidth a decode step reaches reading weights and KV cache
     "link": 0.8,  # of NVLink / NIC bandwidth NCCL collectives reach (nccl-tests bus bandwidth)
+    "alltoall": 0.6,
+    # Of NVLink / NIC bandwidth a MoE dispatch or combine reaches with Megatron's NCCL all-to-all dispatcher:
+    # assumed below the ring collectives' 0.8, as it moves ep - 1 smaller messages at once. Tuned kernels do
+    # better: DeepEP's README reports ~150 of H800's ~160 GB/s NVLink and 43-58 of a 50 GB/s NIC.
 }
 SERVER_MEM_FRACTION = 0.85
 """SGLang's --mem-fraction-static: weights + KV cache; the rest is for activations and CUDA graphs."""
@@ -96,6 +115,11 @@ class Plan:
     server_memory_gb: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     mfu: float = 0.0
+    params: dict[str, float] = field(default_factory=dict)
+    """'total' and 'active' (per token) parameters of the model."""
+    experts: dict[str, float] = field(default_factory=dict)
+    """Mixture of experts only: the all-to-all per MoE layer and micro-batch ('transfer_mb' per rank for one
+    dispatch or combine, 'transfer_ms') and per rollout step ('train_s', in the training pass)."""
 
     def text(self) -> str:
         return "\n".join(self.lines)
@@ -105,31 +129,63 @@ class Plan:
 # Model arithmetic
 
 
-def layer_params(arch) -> int:
-    h, kv = arch.hidden_size, arch.num_query_groups * arch.head_dim
-    attention = h * (arch.num_attention_heads * arch.head_dim + 2 * kv) + arch.num_attention_heads * arch.head_dim * h
+def attention_params(arch) -> int:
+    """One layer's attention (with its q/k norms) and the layer's two RMSNorm weights."""
+    h, kv, q = arch.hidden_size, arch.num_query_groups * arch.head_dim, arch.num_attention_heads * arch.head_dim
+    attention = h * (q + 2 * kv) + q * h
     if arch.qkv_bias:
-        attention += arch.num_attention_heads * arch.head_dim + 2 * kv
-    return attention + 3 * h * arch.ffn_hidden_size + 2 * h  # SwiGLU MLP, two RMSNorm weights
+        attention += q + 2 * kv
+    if arch.qk_norm:
+        attention += 2 * arch.head_dim
+    return attention + 2 * h
 
 
-def model_params(arch) -> int:
+def is_moe_layer(arch, layer: int) -> bool:
+    return arch.is_moe and arch.moe_layers[layer]
+
+
+def expert_layer_params(arch, layer: int) -> int:
+    """The experts of decoder layer `layer` (0 for a dense layer): what expert parallelism splits."""
+    return arch.num_experts * 3 * arch.hidden_size * arch.moe_ffn_hidden_size if is_moe_layer(arch, layer) else 0
+
+
+def layer_params(arch, layer: int = 0, *, active: bool = False) -> int:
+    """Decoder layer `layer`: attention, norms and a SwiGLU MLP, or a router and its experts (`active`: the
+    top_k experts a token runs through instead of all)."""
+    if not is_moe_layer(arch, layer):
+        return attention_params(arch) + 3 * arch.hidden_size * arch.ffn_hidden_size
+    experts = expert_layer_params(arch, layer) * (arch.moe_top_k if active else arch.num_experts) // arch.num_experts
+    return attention_params(arch) + arch.hidden_size * arch.num_experts + experts
+
+
+def model_params(arch, *, active: bool = False) -> int:
+    """All parameters, or (`active`) those one token runs through: the same for a dense model."""
     embedding = arch.vocab_size * arch.hidden_size
-    return arch.num_layers * layer_params(arch) + embedding * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
+    layers = sum(layer_params(arch, i, active=active) for i in range(arch.num_layers))
+    return layers + embedding * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
 
 
 def activation_elements_per_token(arch, tp: int, flash: bool, seq_length: int,
-                                  sequence_parallel: bool = False) -> float:
+                                  sequence_parallel: bool = False, *, moe_layer: bool = False,
+                                  etp: int = 1) -> float:
     """Elements one Megatron transformer layer keeps for backward per token (no recomputation): the two norms'
-    inputs and the QKV and fc1 inputs (replicated over TP, split over it by sequence parallelism); per TP shard
-    the rotated q, k, v, the attention output, the projection input, fc1's gate|up output and SwiGLU's output.
-    Megatron's local spec (no Transformer Engine, the CPU path) keeps more: its unfused RMSNorm also keeps the
-    normalised input, its attention repeats K and V to every query head and keeps the attention scores and
-    probabilities (heads / tp x seq_length per token)."""
+    inputs and the QKV and fc1 (or router) inputs (replicated over TP, split over it by sequence parallelism);
+    per TP shard the rotated q, k, v, the attention output, the projection input, fc1's gate|up output and
+    SwiGLU's output. Megatron's local spec (no Transformer Engine, the CPU path) keeps more: its unfused RMSNorm
+    also keeps the normalised input, its attention repeats K and V to every query head and keeps the attention
+    scores and probabilities (heads / tp x seq_length per token).
+    A mixture-of-experts layer (`moe_layer`) keeps the router's logits and scores, and for each of a token's
+    top_k routed copies the expert's input, fc1 output and SwiGLU output: with balanced routing a rank holds
+    tokens / tp x top_k copies, gathered over the etp ranks that share its experts, at width moe_ffn / etp."""
     h, kv, f = arch.hidden_size, arch.num_query_groups * arch.head_dim, arch.ffn_hidden_size
     q = arch.num_attention_heads * arch.head_dim
-    sharded = (q + 2 * kv) + q + q + 2 * f + f
-    replicated = (4 if flash else 6) * h / (tp if sequence_parallel else 1)
+    mlp = 3 * f
+    replicated = (4 if flash else 6) * h
+    if moe_layer:
+        mlp = arch.moe_top_k * (etp * h + 3 * arch.moe_ffn_hidden_size)
+        replicated += 2 * arch.num_experts
+    sharded = (q + 2 * kv) + q + q + mlp
+    replicated /= tp if sequence_parallel else 1
     if flash:
         return replicated + sharded / tp
     local = 2 * (q - kv) + 2 * arch.num_attention_heads * seq_length
@@ -154,11 +210,12 @@ def weight_sync_seconds(weight_bytes: float, hw: Hardware, *, trainer_tp: int, a
 def plan(cfg: Config, nodes: int | None = None, gpus_per_node: int | None = None) -> Plan:
     """The plan for `cfg` on `nodes` x `gpus_per_node` GPUs (default: cfg.cluster); raises PlanError."""
     lay = _layout(cfg, nodes or cfg.cluster.nodes, gpus_per_node or cfg.cluster.gpus_per_node)
-    out = Plan()
+    out = Plan(params={"total": lay.total_params, "active": lay.active_params})
     _ranks(cfg, lay, out)
+    alltoall_s = _experts(cfg, lay, out)
     _trainer_memory(cfg, lay, out)
     rollout = _rollout(cfg, lay, out)
-    _step_time(cfg, lay, rollout, out)
+    _step_time(cfg, lay, rollout, alltoall_s, out)
     return out
 
 
@@ -185,10 +242,20 @@ class _Layout:
     dtype_bytes: int
     """Bytes per weight and per activation in model.dtype."""
     total_params: int
+    active_params: int
+    """Parameters one token runs through (= total_params for a dense model)."""
     gpu_params: float
-    """Parameters per trainer GPU on pipeline stage 0."""
+    """Parameters per trainer GPU on pipeline stage 0 but for the experts."""
     embedding: int
     """Padded vocabulary x hidden size."""
+    ep: int = 1
+    etp: int = 1
+    edp: int = 1
+    """Expert data parallelism: the ranks of a stage (tp * cp * dp) over etp * ep."""
+    expert_gpu_params: float = 0.0
+    """Expert parameters per trainer GPU on pipeline stage 0."""
+    moe_layers_per_stage: int = 0
+    """MoE layers of pipeline stage 0."""
 
 
 def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
@@ -213,9 +280,10 @@ def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
     try:
         from megatron_gvpo.megatron.model import transformer_config
 
-        # Megatron's own divisibility rules, and whether sequence parallelism is in effect
-        megatron_config = transformer_config(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp,
-                                             sequence_parallel=p.sequence_parallel)
+        # Megatron's own divisibility rules (and MoE's need for sequence parallelism under TP), and whether
+        # sequence parallelism is in effect
+        megatron_config = transformer_config(arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp,
+                                             moe=cfg.moe, sequence_parallel=p.sequence_parallel)
         cfg.check_world_size(trainer_gpus)
     except ValueError as e:
         raise PlanError(str(e)) from None
@@ -228,7 +296,9 @@ def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
     colocated = c.rollout_nodes == 0
     embedding = padded_vocab_size(arch.vocab_size, p.tp) * arch.hidden_size
     layers_per_stage = arch.num_layers // p.pp
-    layers = layers_per_stage * layer_params(arch)
+    stage0 = range(layers_per_stage)
+    experts = sum(expert_layer_params(arch, i) for i in stage0)
+    layers = sum(layer_params(arch, i) for i in stage0) - experts
     output_layer = 0 if arch.tie_word_embeddings else embedding
     stage_params = layers + embedding + output_layer if p.pp == 1 else max(layers + embedding, layers + output_layer)
     return _Layout(
@@ -238,7 +308,10 @@ def _layout(cfg: Config, nodes: int, gpn: int) -> _Layout:
         tokens_mb=t.micro_batch_size * cfg.model.seq_length / p.cp, layers_per_stage=layers_per_stage,
         sequence_parallel=megatron_config.sequence_parallel,
         dtype_bytes={"float32": 4, "bfloat16": 2, "float16": 2}[cfg.model.dtype],
-        total_params=model_params(arch), gpu_params=stage_params / p.tp, embedding=embedding,
+        total_params=model_params(arch), active_params=model_params(arch, active=True),
+        gpu_params=stage_params / p.tp, embedding=embedding, ep=p.ep, etp=p.expert_tp,
+        edp=p.tp * p.cp * dp // (p.expert_tp * p.ep), expert_gpu_params=experts / (p.ep * p.expert_tp),
+        moe_layers_per_stage=sum(is_moe_layer(arch, i) for i in stage0),
     )
 
 
@@ -269,6 +342,57 @@ def _ranks(cfg: Config, lay: _Layout, out: Plan) -> None:
           "router on the first rollout node")
 
 
+def _experts(cfg: Config, lay: _Layout, out: Plan) -> float:
+    """The mixture of experts' parameters, layout and token traffic. Returns the seconds one rank spends in
+    the dispatcher's transfers during one forward and backward over a rollout step's micro-batches (0 for a
+    dense model)."""
+    arch, p, hw, gpn = lay.arch, cfg.parallel, lay.hw, lay.gpn
+    if not arch.is_moe:
+        return 0.0
+    experts = sum(expert_layer_params(arch, i) for i in range(arch.num_layers))
+    # Tokens on one rank before the dispatch: its micro-batch on its CP rank, split over TP by sequence
+    # parallelism.
+    tokens = lay.tokens_mb / (p.tp if lay.sequence_parallel else 1)
+    token_bytes = arch.hidden_size * lay.dtype_bytes
+    if cfg.moe.token_dispatcher == "alltoall":  # balanced routing: each peer gets top_k / ep of the copies
+        per_peer = tokens * arch.moe_top_k / lay.ep * token_bytes
+    else:  # all-gather: every rank receives every peer's tokens whole
+        per_peer = tokens * token_bytes
+    # The EP group is etp * ep consecutive ranks: the peers on this rank's node are reached over NVLink, the
+    # others through its NIC, at the same time.
+    on_node = min(lay.ep, max(gpn // lay.etp, 1))
+    near, far = (on_node - 1) * per_peer, (lay.ep - on_node) * per_peer
+    efficiency = EFFICIENCY["alltoall"]
+    transfer = max(near / (hw.nvlink_gbps * GB * efficiency), far / (hw.nic_gbps * GB * efficiency))
+    # dispatch and combine, forward and backward, in every MoE layer of the stage, for every micro-batch
+    micro_batches = lay.micro_batches * cfg.train.optimizer_steps_per_rollout
+    step = 4 * transfer * lay.moe_layers_per_stage * micro_batches
+    out.experts = {"transfer_mb": (near + far) / 1e6, "transfer_ms": transfer * 1e3}
+    moe_layers = sum(arch.moe_layers)
+    group = lay.etp * lay.ep
+    span = ("inside a node: NVLink" if group <= gpn
+            else f"over {math.ceil(group / gpn)} nodes: {on_node - 1} peers over NVLink, {lay.ep - on_node} over the "
+                 "NIC")
+    w = out.lines.append
+    w("")
+    w(f"## Mixture of experts: {arch.num_experts} experts, top {arch.moe_top_k}, in {moe_layers} of "
+      f"{arch.num_layers} layers")
+    w(f"parameters: {lay.total_params / 1e9:.2f} B total, {lay.active_params / 1e9:.2f} B active per token "
+      f"(experts {experts / 1e9:.2f} B, of which {experts * arch.moe_top_k / arch.num_experts / 1e9:.2f} B active)")
+    w(f"experts: EP {lay.ep} x ETP {lay.etp} x expert DP {lay.edp} over the {p.tp * p.cp * lay.dp} ranks of a "
+      f"pipeline stage: {arch.num_experts // lay.ep} experts per GPU in each MoE layer"
+      f"{f', each split over {lay.etp} GPUs' if lay.etp > 1 else ''}; "
+      f"the distributed optimizer shards their state over the {lay.edp} expert-DP ranks, the dense parameters' "
+      f"over DP x CP = {lay.dp * p.cp}")
+    w(f"token dispatch ({cfg.moe.token_dispatcher}): per MoE layer and micro-batch of {tokens:,.0f} tokens a rank "
+      f"sends {(near + far) / 1e6:,.1f} MB in the dispatch and again in the combine, forward and backward; EP group "
+      f"of {group} consecutive ranks {span}; {transfer * 1e3:.2f} ms per transfer, {step:.1f} s per forward and "
+      f"backward of a rollout step ({lay.moe_layers_per_stage} MoE layers x {micro_batches} micro-batches x 4)")
+    w(f"  assumed: balanced routing, {efficiency:.0%} of {hw.nvlink_gbps:.0f} GB/s NVLink and {hw.nic_gbps:.0f} "
+      "GB/s NIC per GPU reached, no overlap with compute; expert-TP gathers not counted")
+    return step
+
+
 def _trainer_memory(cfg: Config, lay: _Layout, out: Plan) -> None:
     """Memory per trainer GPU on pipeline stage 0, which holds the embedding and the most micro-batches in
     flight."""
@@ -282,19 +406,31 @@ def _trainer_memory(cfg: Config, lay: _Layout, out: Plan) -> None:
     impl = cfg.model.transformer_impl  # 'auto' is Transformer Engine (flash attention) on GPUs, local on CPU
     flash = impl == "transformer_engine" or (impl == "auto" and c.gpu != "cpu")
     sp, act_bytes = lay.sequence_parallel, lay.dtype_bytes
-    full_layer = activation_elements_per_token(arch, p.tp, flash, cfg.model.seq_length // p.cp, sp) * lay.tokens_mb
+    dense_layer, moe_layer = (
+        activation_elements_per_token(arch, p.tp, flash, cfg.model.seq_length // p.cp, sp, moe_layer=moe,
+                                      etp=lay.etp) * lay.tokens_mb for moe in (False, True))
+    moe_layers = lay.moe_layers_per_stage
+    stage_layers = dense_layer * (lay.layers_per_stage - moe_layers) + moe_layer * moe_layers
+    largest = moe_layer if moe_layers else dense_layer
     # Backward holds one more layer's worth: the gradients of the layer it is differentiating (with full
     # recomputation, that layer's rebuilt activations too).
     if t.recompute == "full":  # each layer keeps its input (its share of the sequence, with SP)
         layer_input = arch.hidden_size * lay.tokens_mb / (p.tp if sp else 1)
-        activations = (layer_input * lay.layers_per_stage * in_flight + 2 * full_layer) * act_bytes
+        activations = (layer_input * lay.layers_per_stage * in_flight + 2 * largest) * act_bytes
     else:
-        activations = full_layer * (lay.layers_per_stage * in_flight + 1) * act_bytes
+        activations = (stage_layers * in_flight + largest) * act_bytes
+    shards = t.distributed_optimizer
+    experts = lay.expert_gpu_params
     mem = {
         "weights": gpu_params * weight_bytes,
         "gradients (fp32)": gpu_params * 4,
-        "optimizer (Adam, fp32)": gpu_params * optimizer_bytes / (lay.dp if t.distributed_optimizer else 1),
-        "reference copy": gpu_params * lay.dtype_bytes if cfg.algo.reference != "old_policy" else 0.0,
+        "optimizer (Adam, fp32)": gpu_params * optimizer_bytes / (lay.dp * p.cp if shards else 1),
+    }
+    if arch.is_moe:
+        mem |= {"expert weights": experts * weight_bytes, "expert grads (fp32)": experts * 4,
+                "expert Adam (fp32)": experts * optimizer_bytes / (lay.edp if shards else 1)}
+    mem |= {
+        "reference copy": (gpu_params + experts) * lay.dtype_bytes if cfg.algo.reference != "old_policy" else 0.0,
         "activations": activations,
         "reserve": hw.reserve_gb * GB,
     }
@@ -303,7 +439,9 @@ def _trainer_memory(cfg: Config, lay: _Layout, out: Plan) -> None:
     out.trainer_memory_gb["total"] = total / GB
     w = out.lines.append
     w("")
-    w(f"## Memory per trainer GPU (pipeline stage 0, {gpu_params / 1e6:,.1f} M parameters per GPU)")
+    of_which = f": {experts / 1e6:,.1f} M of experts" if arch.is_moe else ""
+    w(f"## Memory per trainer GPU (pipeline stage 0, {(gpu_params + experts) / 1e6:,.1f} M parameters per GPU"
+      f"{of_which})")
     for k, v in out.trainer_memory_gb.items():
         w(f"  {k:<24} {_size(v)}")
     if lay.colocated and lay.online:
@@ -312,7 +450,8 @@ def _trainer_memory(cfg: Config, lay: _Layout, out: Plan) -> None:
         raise PlanError(f"the trainer does not fit: {total / GB:.1f} GB per GPU on pipeline stage 0 > "
                         f"{hw.memory_gb:.0f} GB of a {c.gpu} (activations {mem['activations'] / GB:.1f} GB for "
                         f"{in_flight:g} micro-batches of {t.micro_batch_size} x {cfg.model.seq_length} tokens); "
-                        "raise parallel.tp/pp, set train.recompute=full or train.distributed_optimizer=true, or "
+                        f"raise parallel.tp/pp{'/ep' if arch.is_moe else ''}, set train.recompute=full or "
+                        "train.distributed_optimizer=true, or "
                         "lower train.micro_batch_size or model.seq_length")
 
 
@@ -334,9 +473,11 @@ def _rollout(cfg: Config, lay: _Layout, out: Plan) -> _Rollout:
         w("")
         w("## Rollout: none (rollout.source offline: groups come from data.path)")
         return _Rollout(0.0, 0.0, 0.0, 0)
-    total_params = lay.total_params
+    total_params, active_params = lay.total_params, lay.active_params
     server_weights = total_params * 2 / r.server_tp  # SGLang serves bf16
-    kv_per_token = 2 * arch.num_layers * arch.num_query_groups * arch.head_dim * 2 / r.server_tp
+    server_experts = sum(expert_layer_params(arch, i) for i in range(arch.num_layers)) * 2 / r.server_tp
+    # Each server GPU holds its share of the key/value heads, and a whole one where they are fewer than its TP.
+    kv_per_token = 2 * arch.num_layers * max(arch.num_query_groups / r.server_tp, 1) * arch.head_dim * 2
     budget = hw.memory_gb * GB * SERVER_MEM_FRACTION
     kv_bytes = budget - server_weights
     if kv_bytes <= 0:
@@ -357,13 +498,16 @@ def _rollout(cfg: Config, lay: _Layout, out: Plan) -> _Rollout:
     waves = max(1, math.ceil(per_server * (prompt_len + r.max_new_tokens) / kv_tokens))
     batch = per_server / waves
     peak = hw.bf16_tflops * 1e12 * EFFICIENCY["gemm"]
-    decode_step = max((server_weights + batch * context * kv_per_token) / (hw.hbm_gbps * GB * EFFICIENCY["hbm"]),
-                      2 * total_params * batch / r.server_tp / peak)
-    prefill = 2 * total_params * per_server * prompt_len / r.server_tp / peak
+    # A decode step reads the experts that some sequence of the batch is routed to.
+    touched = 1 - (1 - arch.moe_top_k / arch.num_experts) ** batch if arch.is_moe else 1.0
+    weights_read = server_weights - server_experts * (1 - touched)
+    decode_step = max((weights_read + batch * context * kv_per_token) / (hw.hbm_gbps * GB * EFFICIENCY["hbm"]),
+                      2 * active_params * batch / r.server_tp / peak)
+    prefill = 2 * active_params * per_server * prompt_len / r.server_tp / peak
     return _Rollout(waves * r.max_new_tokens * decode_step + prefill, decode_step, per_server, waves)
 
 
-def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, out: Plan) -> None:
+def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, alltoall_s: float, out: Plan) -> None:
     """Seconds per rollout step (generation, log-prob passes, training, weight sync) and the training MFU."""
     c, p, t, r = cfg.cluster, cfg.parallel, cfg.train, cfg.rollout
     arch, hw, dp = lay.arch, lay.hw, lay.dp
@@ -372,7 +516,7 @@ def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, out: Plan) -> None:
     samples = cfg.groups_per_rollout * k
     tokens = samples * cfg.model.seq_length
     attention = 2 * arch.num_layers * cfg.model.seq_length * arch.num_attention_heads * arch.head_dim  # causal
-    fwd_per_token = 2 * (total_params - lay.embedding) + attention + 2 * lay.embedding  # output head; lookup free
+    fwd_per_token = 2 * (lay.active_params - lay.embedding) + attention + 2 * lay.embedding  # output head; lookup free
     compute_peak = (hw.fp8_tflops * EFFICIENCY["fp8_gemm"] if cfg.model.fp8 else hw.bf16_tflops * EFFICIENCY["gemm"]
                     ) * 1e12
     fwd = fwd_per_token * tokens / lay.trainer_gpus / compute_peak
@@ -382,13 +526,21 @@ def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, out: Plan) -> None:
     allreduce = 2 * (p.tp - 1) / p.tp * lay.tokens_mb * arch.hidden_size * lay.dtype_bytes / (hw.nvlink_gbps * GB
                                                                                         * EFFICIENCY["link"])
     tp_comm = (0 if p.tp == 1 else 4 * lay.layers_per_stage * allreduce * lay.micro_batches)
-    dp_link = hw.nvlink_gbps if p.tp * p.cp * dp <= lay.gpn else hw.nic_gbps
-    dp_comm = 0 if dp == 1 else 2 * (dp - 1) / dp * lay.gpu_params * 4 / (dp_link * GB * EFFICIENCY["link"])
+    # The gradients of the dense parameters are reduced over dp * cp ranks, the experts' over edp ranks; both
+    # groups span a pipeline stage's ranks.
+    dp_link = (hw.nvlink_gbps if p.tp * p.cp * dp <= lay.gpn else hw.nic_gbps) * GB * EFFICIENCY["link"]
+    dp_comm = sum(2 * (n - 1) / n * params * 4 / dp_link
+                  for n, params in ((dp * p.cp, lay.gpu_params), (lay.edp, lay.expert_gpu_params)) if n > 1)
     logprob_passes = 1 + (cfg.algo.reference != "old_policy")
-    logprob_s = logprob_passes * (fwd + tp_comm / 2) * (1 + bubble)
+    # The all-to-alls of one forward and backward are half of each, like the TP traffic.
+    logprob_s = logprob_passes * (fwd + tp_comm / 2 + alltoall_s / 2) * (1 + bubble)
     passes = 4 if t.recompute == "full" else 3  # forward, backward (2x), and the recomputed forward
     passes += cfg.algo.group_strategy == "prepass"  # a forward-only pass for the group means
-    train_s = (passes * fwd + tp_comm * passes / 3) * (1 + bubble) + dp_comm * t.optimizer_steps_per_rollout
+    train_alltoall = alltoall_s * passes / 3
+    train_s = ((passes * fwd + tp_comm * passes / 3 + train_alltoall) * (1 + bubble)
+               + dp_comm * t.optimizer_steps_per_rollout)
+    if lay.arch.is_moe:
+        out.experts["train_s"] = train_alltoall * (1 + bubble)
     sync = weight_sync_seconds(total_params * 2, hw, trainer_tp=p.tp, across_nodes=not lay.colocated)
     if not lay.online:
         sync = dict.fromkeys(sync, 0.0)
@@ -405,14 +557,17 @@ def _step_time(cfg: Config, lay: _Layout, rollout: _Rollout, out: Plan) -> None:
     if lay.online:
         w(f"  rollout: {rollout.per_server:.0f} sequences per server in {rollout.waves} wave(s), a decode step "
           f"{rollout.decode_step * 1e3:.1f} ms")
+    alltoall = f", all-to-all {out.experts['train_s']:.1f} s" if arch.is_moe else ""
     w(f"  train: MFU {out.mfu:.1%} of {c.gpu} dense bf16 peak (pipeline bubble {bubble:.0%}, TP traffic "
-      f"{tp_comm:.1f} s, DP gradient traffic {dp_comm:.1f} s per optimizer step)")
+      f"{tp_comm:.1f} s{alltoall}, DP gradient traffic {dp_comm:.1f} s per optimizer step)")
     if not lay.online:
         return
     w(f"  the trainer waits for rollout {rollout.seconds / step:.0%} of the step"
       + ("" if lay.colocated else f"; the rollout nodes idle {1 - rollout.seconds / step:.0%}"))
     w("")
     w(f"## Weight sync: {total_params * 2 / GB:.0f} GB of bf16 weights, {sync['total']:.1f} s")
+    if arch.is_moe:
+        w("  (experts: their gather over the EP ranks is not counted, only the TP gather)")
     w(f"  TP gather {sync['gather']:.2f} s + broadcast {sync['broadcast']:.2f} s "
       f"({'NIC' if not lay.colocated else 'NVLink'}) + {math.ceil(total_params * 2 / BUCKET_BYTES)} buckets x "
       f"{BUCKET_COST_S * 1e3:.1f} ms {sync['buckets']:.2f} s")

@@ -16,7 +16,7 @@ from megatron_gvpo.algo import dr_grpo_loss, group_advantages, grpo_loss
 from megatron_gvpo.models.arch import arch_from_hf
 from megatron_gvpo.models.hf_maps import hf_to_megatron
 from tests.test_gvpo_megatron import SEQ, assert_matches_reference, make_batch, run_on_megatron
-from tests.test_megatron_model import tiny_hf_model
+from tests.test_megatron_model import saved_tensors, tiny_hf_model
 
 CLIP = 0.2
 LENGTH_CONSTANT = SEQ - 3  # the longest response make_batch draws
@@ -41,9 +41,9 @@ def policy_gradient_batch(group_sizes, seed=0):
     return batch
 
 
-def reference_grads(algorithm, kl_coef, batch):
+def reference_grads(algorithm, kl_coef, batch, model_type="llama"):
     """Independent oracle: HF modeling code, full-vocabulary log_softmax, the baselines' [B, T] losses."""
-    model = tiny_hf_model("llama", False)
+    model = tiny_hf_model(model_type, False)
     token_logp = hf_token_logprobs(model, batch)
     advantages = group_advantages(batch["rewards"], batch["group_ids"], scale_by_std=algorithm == "grpo")
     if algorithm == "grpo":
@@ -54,10 +54,12 @@ def reference_grads(algorithm, kl_coef, batch):
                             length_constant=LENGTH_CONSTANT)
     loss.backward()
     arch = arch_from_hf(model.config)
-    return loss.item(), dict(hf_to_megatron(arch, {n: p.grad for n, p in model.named_parameters()}, arch.vocab_size))
+    grads = saved_tensors(model, {n: p.grad for n, p in model.named_parameters()})
+    return loss.item(), dict(hf_to_megatron(arch, grads, arch.vocab_size))
 
 
-def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused, sequence_parallel=False):
+def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused, sequence_parallel=False,
+                        model_type="llama", ep=1):
     from megatron_gvpo.megatron.step import forward_backward_policy_gradient
 
     def run(chunks, ctx, logprobs):
@@ -66,7 +68,7 @@ def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused, sequ
             length_constant=LENGTH_CONSTANT, logprobs=logprobs,
         )
 
-    return run_on_megatron(run, "llama", False, tp, pp, vpp, fused, sequence_parallel)
+    return run_on_megatron(run, model_type, False, tp, pp, vpp, fused, sequence_parallel, ep)
 
 
 LAYOUTS = [
@@ -95,6 +97,21 @@ def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs,
                        sequence_parallel)
     assert_matches_reference(results, tp, dp, ref_loss, ref,
                              f"{algorithm} {tp=} {pp=} {vpp=} {dp=} {mbs=} {fused=} {sequence_parallel=}")
+
+
+@pytest.mark.parametrize("model_type, tp, dp, ep, mbs, algorithm, kl_coef", [
+    ("qwen3_moe", 1, 2, 2, 2, "grpo", 0.1),
+    ("mixtral", 2, 2, 2, 2, "dr_grpo", 0.0),
+])
+def test_moe_gradient_equals_hf_reference_under_expert_parallelism(gloo, model_type, tp, dp, ep, mbs, algorithm,
+                                                                     kl_coef):
+    """The baselines on a mixture of experts, experts split over EP ranks (with TP and sequence parallelism)."""
+    group_sizes = [4, 4, 4, 4]
+    batch = policy_gradient_batch(group_sizes)
+    ref_loss, ref = reference_grads(algorithm, kl_coef, batch, model_type)
+    results = gloo.run(tp * dp, policy_gradient_run, batch, tp, 1, None, mbs, algorithm, kl_coef, False, tp > 1,
+                       model_type, ep)
+    assert_matches_reference(results, tp, dp, ref_loss, ref, f"{model_type} {algorithm} {tp=} {dp=} {ep=}")
 
 
 def token_logprobs_run(batch, tp, pp, mbs):

@@ -2,8 +2,9 @@
 
 - Round trip: HF -> import -> the trainer loads it at TP/PP in {1,2} x {1,2} and saves a training checkpoint
   (written by the sharded model) -> export -> HF is bitwise identical, tensor by tensor and in dtype, for
-  Llama, Qwen2 and Mistral configs with tied and untied embeddings; transformers loads the export, with the
-  tokenizer and a generation config.
+  Llama, Qwen2, Mistral and Qwen3 configs with tied and untied embeddings; HF -> import -> export is bitwise for
+  Qwen3-MoE and Mixtral (per-expert tensors), and with or without the kernel's file-to-file copies; transformers
+  loads the export, with the tokenizer and a generation config.
 - The imported checkpoint's logits equal transformers' on the same weights (the independent oracle) at TP=2,
   PP=2 and TP=2 x PP=2, including a vocabulary padded for another TP than the one loading it.
 - Bad input fails with a clear error naming the tensor, file or field, and leaves no output directory.
@@ -45,8 +46,9 @@ def assert_same_tensors(a_dir: Path, b_dir: Path) -> None:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-def train_layout_checkpoint_run(hf_dir, megatron_dir, out_dir, tp, pp):
-    """Load the imported checkpoint into the trainer's engine at TP x PP and save a training checkpoint."""
+def train_layout_checkpoint_run(hf_dir, megatron_dir, out_dir, tp, pp, layout=()):
+    """Load the imported checkpoint into the trainer's engine at TP x PP (and `layout`'s overrides) and save a
+    training checkpoint."""
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.megatron.checkpoint import save_checkpoint
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
@@ -60,6 +62,7 @@ def train_layout_checkpoint_run(hf_dir, megatron_dir, out_dir, tp, pp):
     cfg = config_from_dict(Config, {}, [
         f"model.path={hf_dir}", f"model.load={megatron_dir}", f"parallel.tp={tp}", f"parallel.pp={pp}",
         "model.seq_length=16", "algo.group_size=2", "train.global_batch_size=4", "train.micro_batch_size=2",
+        *layout,
     ])
     ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
     try:
@@ -84,6 +87,55 @@ def test_round_trip_through_a_training_layout_is_bitwise(gloo, tmp_path, model_t
     assert set(index["weight_map"]) == set(SafetensorsCheckpoint(tmp_path / "export"))
     for name in ("tokenizer.json", "generation_config.json"):
         assert (tmp_path / "export" / name).is_file(), name
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_moe_round_trip_is_bitwise(tmp_path, model_type):
+    # save_pretrained writes one tensor per expert (transformers fuses them only in memory), as on the hub.
+    hf_dir = save_hf(tmp_path, model_type, False)
+    assert any(".experts.3." in name for name in SafetensorsCheckpoint(hf_dir))
+    import_hf(hf_dir, tmp_path / "megatron", tp=2, progress=False)
+    export_hf(tmp_path / "megatron", tmp_path / "export", max_shard_bytes=64 * 1024, progress=False)
+    assert_same_tensors(hf_dir, tmp_path / "export")
+
+
+@pytest.mark.parametrize("model_type, ep, layout", [
+    ("qwen3_moe", 2, ["parallel.ep=2"]),
+    ("mixtral", 2, ["parallel.sequence_parallel=true", "parallel.ep=2", "parallel.etp=1"]),
+])
+def test_moe_through_an_expert_parallel_training_layout(gloo, tmp_path, model_type, ep, layout):
+    """Imported with --ep, loaded by the trainer with its experts split over EP ranks (logits equal
+    transformers'), saved as a training checkpoint and exported: bitwise the original."""
+    hf_dir = save_hf(tmp_path, model_type, False)
+    tp = 2 if "parallel.sequence_parallel=true" in layout else 1
+    import_hf(hf_dir, tmp_path / "megatron", tp=tp, ep=ep, progress=False)
+    diffs = gloo.run(2, megatron_logits_run, model_type, False, tp, 1, str(tmp_path / "megatron"), ep,
+                     1 if tp > 1 else None)
+    assert max(diffs) < 1e-4
+    ckpt = gloo.run(2, train_layout_checkpoint_run, str(hf_dir), str(tmp_path / "megatron"), str(tmp_path / "run"),
+                    tp, 1, layout)[0]
+    export_hf(ckpt, tmp_path / "export", max_shard_bytes=64 * 1024, progress=False)
+    assert_same_tensors(hf_dir, tmp_path / "export")
+
+
+def test_export_without_kernel_copies_is_the_same(tmp_path, monkeypatch):
+    """Export copies stored bytes file to file with os.copy_file_range; where the kernel refuses (another file
+    system), it reads and writes them instead, with the same result."""
+    import errno
+    import os
+
+    hf_dir = save_hf(tmp_path, "qwen3", False)
+    import_hf(hf_dir, tmp_path / "megatron", progress=False)
+    calls = []
+
+    def refuse(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    export_hf(tmp_path / "megatron", tmp_path / "export", max_shard_bytes=64 * 1024, progress=False)
+    assert len(calls) == 1  # refused once, not asked again
+    assert_same_tensors(hf_dir, tmp_path / "export")
 
 
 def test_export_loads_in_transformers_with_the_same_logits_and_converts_dtype(tmp_path):

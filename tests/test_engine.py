@@ -74,6 +74,33 @@ def test_same_run_at_every_layout(gloo, reference, world, overrides):
             assert ref_sum == pytest.approx(want[4], rel=1e-5)
 
 
+MOE = ["model.path=configs/models/tiny_qwen3_moe.json", "moe.aux_loss_coeff=0.01", "moe.z_loss_coeff=0.001"]
+
+
+@pytest.fixture(scope="module")
+def moe_reference(gloo):
+    return gloo.run(1, engine_run, MOE)[0]
+
+
+@pytest.mark.parametrize("world, overrides", [
+    (2, ["parallel.ep=2"]),
+    (4, ["parallel.ep=2", "parallel.tp=2", "parallel.sequence_parallel=true", "train.distributed_optimizer=true"]),
+    # The same micro-batches (4 rows) as the reference: the load-balancing loss is a per-micro-batch statistic.
+    (4, ["parallel.ep=2", "parallel.pp=2", "algo.group_strategy=allgather"]),
+])
+def test_moe_same_run_at_every_expert_layout(gloo, moe_reference, world, overrides):
+    """A mixture of experts with its router losses on: the same run (losses, gradient norms, the policy's
+    log-probs after each step) with the experts split over EP ranks, with TP, PP and the distributed optimizer
+    (which shards expert and dense optimizer state over different groups)."""
+    results = gloo.run(world, engine_run, MOE + overrides)
+    for rank_history in results:
+        for step, (got, want) in enumerate(zip(rank_history, moe_reference, strict=True)):
+            assert not got[3]
+            assert got[0] == pytest.approx(want[0], rel=1e-4), (step, overrides)
+            assert got[1] == pytest.approx(want[1], rel=1e-4), (step, overrides)
+            assert got[4] == pytest.approx(want[4], rel=1e-5), (step, overrides)
+
+
 def test_reference_run_learns_and_schedules(reference):
     losses = [h[0] for h in reference]
     lrs = [h[2] for h in reference]
@@ -155,6 +182,11 @@ def _engine_for(overrides, total_steps=4):
         (["parallel.pp=2", "train.distributed_optimizer=true"], ["parallel.tp=2", "train.distributed_optimizer=true"]),
         # A frozen reference is a second copy of the model in the same checkpoint.
         (["algo.reference=frozen"], ["algo.reference=frozen", "parallel.tp=2"]),
+        # Experts are stored along one expert axis: saved with whole experts on 2 EP ranks (data parallel for
+        # the rest), resumed at TP 2 for the rest of the model.
+        (MOE + ["parallel.ep=2", "train.distributed_optimizer=true"],
+         MOE + ["parallel.ep=2", "parallel.etp=1", "parallel.tp=2", "parallel.sequence_parallel=true",
+                "train.distributed_optimizer=true"]),
     ],
 )
 def test_resume_continues_the_uninterrupted_run(gloo, tmp_path, first, second):

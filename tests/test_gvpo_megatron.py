@@ -12,7 +12,7 @@ from megatron_gvpo.algo import gvpo_loss, sequence_logprob
 from megatron_gvpo.data.batch import check_group_layout, make_targets
 from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
 from megatron_gvpo.models.hf_maps import hf_to_megatron
-from tests.test_megatron_model import tiny_hf_model
+from tests.test_megatron_model import saved_tensors, tiny_hf_model
 
 BETA = 0.3
 SEQ = 10
@@ -48,14 +48,12 @@ def reference_grads(model_type, tied, batch):
     loss = gvpo_loss(seq_logp, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], BETA)
     loss.backward()
     arch = arch_from_hf(model.config)
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    if tied:
-        grads.pop("lm_head.weight", None)
-    return float(loss), dict(hf_to_megatron(arch, grads, arch.vocab_size))
+    grads = saved_tensors(model, {n: p.grad for n, p in model.named_parameters()})  # checkpoint names and layout
+    return float(loss.detach()), dict(hf_to_megatron(arch, grads, arch.vocab_size))
 
 
 def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes, fused=False,
-                       sequence_parallel=False, seq=SEQ):
+                       sequence_parallel=False, seq=SEQ, ep=1, etp=None, moe=None):
     """Every rank: build its chunks, load HF weights, wrap in Megatron DDP, run forward_backward_gvpo; return
     the loss (last stage) and this rank's full-vocab-trimmed gradient shards by global name."""
     from megatron_gvpo.megatron.step import forward_backward_gvpo
@@ -66,13 +64,14 @@ def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes
         return forward_backward_gvpo(chunks, batch, ctx, micro_batch_size=mbs, beta=BETA, strategy=strategy,
                                      logprobs=logprobs)
 
-    return run_on_megatron(run, model_type, tied, tp, pp, vpp, fused, sequence_parallel)
+    return run_on_megatron(run, model_type, tied, tp, pp, vpp, fused, sequence_parallel, ep, etp, moe)
 
 
-def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False, sequence_parallel=False):
+def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False, sequence_parallel=False, ep=1, etp=None,
+                    moe=None, routing_replay=False):
     """Every rank: build its chunks from `tiny_hf_model`'s weights, wrap them in Megatron DDP and call
     `run(chunks, ctx, logprobs)` (a forward-backward pass returning {"loss", ...} or None); return the loss
-    (last stage), the TP rank and this rank's gradient shards by global name."""
+    (last stage), the (TP, expert-TP) ranks and this rank's gradient shards by global name."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from megatron_gvpo.config import ParallelConfig
@@ -83,19 +82,21 @@ def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False, sequence_pa
     from megatron_gvpo.megatron.weights import global_named_parameters, load_hf_weights
 
     apply_cpu_compat()
-    ctx = initialize_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp), seed=1)
+    ctx = initialize_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp), seed=1)
     try:
         hf_model = tiny_hf_model(model_type, tied)
         arch = arch_from_hf(hf_model.config)
         padded = padded_vocab_size(arch.vocab_size, tp)
-        config = transformer_config(arch, tp=tp, pp=pp, vpp=vpp, sequence_parallel=sequence_parallel)
+        config = transformer_config(arch, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sequence_parallel=sequence_parallel,
+                                    moe=moe, routing_replay=routing_replay)
         chunks = [
             build_gpt_model(arch, config, padded_vocab_size=padded, max_sequence_length=64,
                             pre_process=ctx.is_first_stage(v), post_process=ctx.is_last_stage(v),
                             vp_stage=v if vpp else None)
             for v in range(ctx.num_model_chunks)
         ]
-        load_hf_weights(chunks, arch, hf_model.state_dict(), tp_rank=ctx.tp_rank, tp_size=tp, padded_vocab_size=padded)
+        load_hf_weights(chunks, arch, saved_tensors(hf_model), tp_rank=ctx.tp_rank, tp_size=tp, padded_vocab_size=padded,
+                        etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
         if fused:
             for c in chunks:
                 return_hidden_states(c)
@@ -116,30 +117,32 @@ def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False, sequence_pa
         for chunk in chunks:
             for name, p in global_named_parameters(chunk):
                 grads[name] = p.main_grad.detach().clone()
-        return (out["loss"] if out else None), ctx.tp_rank, grads
+        return (out["loss"] if out else None), (ctx.tp_rank, ctx.etp_rank), grads
     finally:
         destroy_parallel()
 
 
-def assemble(results, tp):
-    """Full gradients from every rank's shards (TP unshard through the production sharding rules)."""
-    from megatron_gvpo.models.sharding import unshard
+def assemble(results, tp, etp=None):
+    """Full gradients from every rank's shards (TP, and expert-TP for experts, unshard through the production
+    sharding rules). Each expert's gradient comes from the EP rank that holds it."""
+    from megatron_gvpo.models.sharding import is_expert, unshard
 
     by_name: dict[str, dict[int, torch.Tensor]] = {}
-    for _, tp_rank, grads in results:
+    for _, (tp_rank, etp_rank), grads in results:
         for name, g in grads.items():
-            by_name.setdefault(name, {})[tp_rank] = g
-    return {name: unshard(name, [shards[r] for r in range(tp)]) for name, shards in by_name.items()}
+            by_name.setdefault(name, {})[etp_rank if is_expert(name) else tp_rank] = g
+    size = {True: tp if etp is None else etp, False: tp}
+    return {name: unshard(name, [shards[r] for r in range(size[is_expert(name)])]) for name, shards in by_name.items()}
 
 
-def assert_matches_reference(results, tp, dp, ref_loss, ref, context=""):
+def assert_matches_reference(results, tp, dp, ref_loss, ref, context="", etp=None):
     """Every last-stage rank's loss and the gradients assembled from every rank's shards equal the reference:
     rtol 1e-5 on the loss, on each gradient relative to its largest entry."""
     losses = [loss for loss, _, _ in results if loss is not None]
     assert len(losses) == tp * dp, context
     for loss in losses:
         assert loss == pytest.approx(ref_loss, rel=1e-5), context
-    got = assemble(results, tp)
+    got = assemble(results, tp, etp)
     ref = dict(ref)
     if "output_layer.weight" in got and "output_layer.weight" not in ref:
         # Tied embeddings across stages: the last stage's copy gets the summed gradient too.
@@ -232,6 +235,97 @@ def test_tied_embeddings_across_pipeline_stages(gloo):
     results = gloo.run(2, megatron_grads_run, "qwen2", True, 1, 2, None, 4, "group_atomic", group_sizes)
     assert "embedding.word_embeddings.weight" in ref and "output_layer.weight" not in ref
     assert_matches_reference(results, 1, 1, ref_loss, ref, "qwen2, tied, PP=2")
+
+
+MOE_LAYOUTS = [
+    # (model, tp, pp, dp, ep, etp, mbs, strategy, fused): experts over EP ranks carved out of DP, with TP
+    # (experts split like the dense MLP, or whole at etp 1; sequence parallelism, which MoE needs under TP),
+    # PP and the fused head; micro-batches that split groups (allgather, prepass).
+    ("qwen3_moe", 1, 1, 2, 2, None, 4, "group_atomic", False),
+    ("qwen3_moe", 1, 1, 2, 2, None, 2, "allgather", True),
+    ("mixtral", 1, 1, 4, 4, None, 1, "prepass", False),
+    ("qwen3_moe", 2, 1, 2, 2, None, 2, "prepass", False),
+    ("qwen3_moe", 2, 1, 1, 2, 1, 4, "group_atomic", True),
+    ("mixtral", 1, 2, 2, 2, None, 2, "allgather", False),
+    # Each expert on two ranks (expert data parallelism 2): its gradient is averaged over them.
+    ("qwen3_moe", 1, 1, 4, 2, None, 2, "allgather", False),
+    ("mixtral", 2, 1, 2, 2, 1, 2, "prepass", True),
+]
+
+
+@pytest.mark.parametrize("model_type, tp, pp, dp, ep, etp, mbs, strategy, fused", MOE_LAYOUTS)
+def test_moe_gradient_equals_hf_reference_under_expert_parallelism(gloo, model_type, tp, pp, dp, ep, etp, mbs,
+                                                                     strategy, fused):
+    """GVPO on a mixture of experts (router losses off): loss and every gradient (router, each expert's, the
+    dense layer's) equal transformers' single-process reference, the expert gradients reduced by Megatron's
+    DDP over the expert-data-parallel group."""
+    group_sizes = [4, 4, 4, 4]
+    ref_loss, ref = reference_grads(model_type, False, make_batch(group_sizes))
+    results = gloo.run(tp * pp * dp, megatron_grads_run, model_type, False, tp, pp, None, mbs, strategy,
+                       group_sizes, fused, tp > 1, SEQ, ep, etp)
+    assert_matches_reference(results, tp, dp, ref_loss, ref, f"{model_type} {tp=} {pp=} {dp=} {ep=} {etp=} {strategy}",
+                             etp=etp)
+
+
+def hf_router_losses(model, tokens, aux_coeff, z_coeff):
+    """[MoE layers] load-balancing and z-losses from transformers' router logits, by their definitions
+    (Switch / GShard: E / (k T^2) * sum_e P_e N_e with P_e the summed softmax probability of expert e over
+    the T tokens and N_e the tokens routed to it; ST-MoE: the mean of logsumexp(logits)^2)."""
+    k = model.config.num_experts_per_tok
+    aux, z = [], []
+    for logits in model(tokens, output_router_logits=True).router_logits:
+        probs = torch.softmax(logits.float(), -1)
+        t, e = probs.shape
+        counts = torch.zeros(e).index_add(0, logits.topk(k, -1).indices.reshape(-1), torch.ones(t * k))
+        aux.append(e / (k * t * t) * (probs.sum(0) * counts).sum())
+        z.append(torch.logsumexp(logits, -1).square().mean())
+    return torch.stack(aux), torch.stack(z)
+
+
+def router_losses_run(model_type, dp, ep, moe):
+    from megatron_gvpo.megatron.engine import router_loss_metrics
+    from megatron_gvpo.megatron.step import forward_backward_gvpo
+
+    def run(chunks, ctx, logprobs):
+        out = forward_backward_gvpo(chunks, make_batch([4, 4, 4, 4]), ctx, micro_batch_size=16 // dp, beta=BETA,
+                                    strategy="group_atomic", logprobs=logprobs)
+        metrics = router_loss_metrics(arch_from_hf(tiny_hf_model(model_type, False).config), moe, ctx, 1)
+        return {"loss": (out["loss"], metrics)}
+
+    return run_on_megatron(run, model_type, False, 1, 1, None, ep=ep, moe=moe)
+
+
+@pytest.mark.parametrize("model_type, dp, ep", [("qwen3_moe", 1, 1), ("mixtral", 2, 2)])
+def test_router_losses_are_added_and_logged_as_megatron_does(gloo, model_type, dp, ep):
+    """moe.aux_loss_coeff / z_loss_coeff: every gradient equals that of the GVPO loss plus the coefficients times
+    the router losses of transformers' router logits, each data-parallel rank's rows on their own and averaged
+    over the ranks (Megatron's scaling); the GVPO loss is reported alone and each router loss is logged
+    without its coefficient, averaged over MoE layers."""
+    from megatron_gvpo.config import MoEConfig
+
+    moe = MoEConfig(aux_loss_coeff=0.3, z_loss_coeff=0.05)
+    batch = make_batch([4, 4, 4, 4])
+    model = tiny_hf_model(model_type, False)
+    logits = model(batch["tokens"]).logits.float()
+    token_logp = torch.log_softmax(logits, -1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    gvpo = gvpo_loss(sequence_logprob(token_logp, batch["loss_mask"]), batch["ref_seq_logp"], batch["rewards"],
+                     batch["group_ids"], BETA)
+    per_rank = [hf_router_losses(model, rows, moe.aux_loss_coeff, moe.z_loss_coeff)
+                for rows in batch["tokens"].chunk(dp)]
+    aux = torch.stack([a for a, _ in per_rank]).mean(0)  # [layers], averaged over DP ranks
+    z = torch.stack([z for _, z in per_rank]).mean(0)
+    (gvpo + moe.aux_loss_coeff * aux.sum() + moe.z_loss_coeff * z.sum()).backward()
+    arch = arch_from_hf(model.config)
+    ref = dict(hf_to_megatron(arch, saved_tensors(model, {n: p.grad for n, p in model.named_parameters()}),
+                              arch.vocab_size))
+
+    results = gloo.run(dp, router_losses_run, model_type, dp, ep, moe)
+    assemble_input = [((loss if loss is None else loss[0]), ranks, grads) for loss, ranks, grads in results]
+    assert_matches_reference(assemble_input, 1, dp, float(gvpo), ref, f"{model_type} {dp=} {ep=}")
+    for loss, _, _ in results:
+        metrics = loss[1]
+        assert metrics["moe_load_balancing_loss"] == pytest.approx(float(aux.mean()), rel=1e-5)
+        assert metrics["moe_z_loss"] == pytest.approx(float(z.mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -266,3 +266,38 @@ def test_attached_servers_get_the_trainers_weights_before_the_first_request(gloo
     assert [(r["step"], r.get("eval_weight_version")) for r in offline] == [(0, "step-0"), (1, None), (2, "step-2")]
     assert all("eval_greedy" in r for r in (offline[0], offline[2])) and "kl_to_start" not in offline[2]
     assert offline[1]["reward_mean"] == 0.25  # one rewarded response in each group of the file
+
+
+def online_moe_run(run_dir, assets, routing_replay):
+    from megatron_gvpo.train import main
+    from tests.gloo_pool import checkpoint_helpers_allowed
+
+    with checkpoint_helpers_allowed():
+        _online_moe_main(run_dir, assets, routing_replay)
+    return True
+
+
+def _online_moe_main(run_dir, assets, routing_replay):
+    from megatron_gvpo.train import main
+
+    main(["--config", str(REPO / "configs/addition_gvpo.yaml"), "--set", f"run.dir={run_dir}",
+          f"model.path={REPO / 'configs/models/tiny_qwen3_moe.json'}", f"model.tokenizer={assets / 'tokenizer'}",
+          f"prompts.path={assets / 'train_prompts.jsonl'}", "prompts.eval_path=", "parallel.ep=2", "train.steps=2",
+          "run.save_interval=0", "algo.group_size=4", "train.global_batch_size=16", "train.micro_batch_size=8",
+          "rollout.max_new_tokens=6", "rollout.max_total_tokens=2048", "rollout.eval_interval=0",
+          "model.seq_length=16", "prompts.max_prompt_tokens=8", "reward.kind=function",
+          "reward.function=tests.test_online:response_length", "train.lr=1e-2", "moe.aux_loss_coeff=0.01",
+          f"rollout.routing_replay={str(routing_replay).lower()}"])
+
+
+def test_online_mixture_of_experts_with_routing_replay(gloo, assets, tmp_path):
+    """A Qwen3-MoE trained online at EP 2: SGLang serves it from the trainer's weights, returns the experts it
+    routed every token to, and the trainer replays them in its forwards (the router losses logged beside)."""
+    pytest.importorskip("sglang")
+    gloo.run(2, online_moe_run, str(tmp_path), assets, True)
+    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        # prompt + response - 1 positions of each of the 16 samples
+        assert r["routed_positions"] >= 16 * 6 and r["grad_norm"] > 0 and r["moe_load_balancing_loss"] > 0

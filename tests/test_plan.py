@@ -36,7 +36,7 @@ def run_plan(*args):
 
 def test_every_trainer_config_plans():
     assert {"gvpo_70b.yaml", "gvpo_70b_fp8.yaml", "gvpo_8b.yaml", "gvpo_8b_fp8.yaml", "tiny_cpu.yaml",
-            "addition_gvpo.yaml"} <= set(TRAINER_CONFIGS)
+            "addition_gvpo.yaml", "gvpo_qwen3_30b_a3b.yaml", "gvpo_qwen3_235b_a22b.yaml"} <= set(TRAINER_CONFIGS)
     for name in TRAINER_CONFIGS:
         result = plan(load_config(Config, REPO / "configs" / name, planning_overrides(name)))
         assert result.trainer_memory_gb["total"] > 0 and result.seconds["step"] > 0, name
@@ -74,7 +74,7 @@ def test_nodes_that_do_not_match_the_layout_fail():
     assert out.returncode == 2 and "16 trainer GPUs" in out.stderr and "multiple of" in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("name", ["llama3_70b", "llama3_8b", "tiny_llama"])
+@pytest.mark.parametrize("name", ["llama3_70b", "llama3_8b", "tiny_llama", "qwen3_30b_a3b", "qwen3_235b_a22b"])
 def test_parameter_count_equals_transformers(name):
     import transformers
 
@@ -117,3 +117,92 @@ def test_memory_terms_follow_from_the_layout():
     assert activations("false", "none") / 8 < activations("true", "none") < activations("false", "none") / 2
     # Recomputation keeps each layer's input: replicated without sequence parallelism, split over TP with it.
     assert activations("false", "full") / 8 < activations("true", "full") < activations("false", "full") / 4
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mixture of experts
+
+MOE_CONFIGS = {"gvpo_qwen3_30b_a3b.yaml": (30.5e9, 3.3e9), "gvpo_qwen3_235b_a22b.yaml": (235e9, 22e9)}
+"""Total and activated parameters from Qwen's model cards."""
+
+
+@pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
+def test_moe_configs_plan_with_published_parameter_counts(name):
+    out = run_plan("--config", f"configs/{name}")
+    assert out.returncode == 0, out.stderr
+    for line in ("## Mixture of experts: 128 experts, top 8", "expert Adam (fp32)", "token dispatch (alltoall)",
+                 "all-to-all", "assumed: balanced routing"):
+        assert line in out.stdout, line
+    result = plan(load_config(Config, REPO / "configs" / name))
+    total, active = MOE_CONFIGS[name]
+    assert result.params["total"] == pytest.approx(total, rel=0.02)
+    assert result.params["active"] == pytest.approx(active, rel=0.03)
+    assert result.trainer_memory_gb["total"] < 80 and result.experts["train_s"] > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.ep=3"], r"parallel.ep=3 must divide the 128 experts"),
+    (["parallel.etp=5"], r"parallel.etp=5 \(default: tp\) must divide moe_intermediate_size=768"),
+    (["parallel.ep=64"], r"parallel.etp \* parallel.ep = 1 \* 64 must divide the 16 ranks of a pipeline stage"),
+    (["parallel.ep=16", "parallel.etp=2"], r"parallel.etp \* parallel.ep = 2 \* 16 must divide the 16 ranks"),
+    (["parallel.sequence_parallel=false"], r"mixture-of-experts model at parallel.tp=4 needs parallel.sequence_parallel"),
+    (["cluster.nodes=3"], r"the trainer does not fit: .* raise parallel.tp/pp/ep"),
+])
+def test_invalid_expert_layouts_fail_with_the_reason(overrides, message):
+    import re
+
+    with pytest.raises(PlanError, match=message):
+        plan(load_config(Config, REPO / "configs/gvpo_qwen3_30b_a3b.yaml", overrides))
+    out = run_plan("--config", "configs/gvpo_qwen3_30b_a3b.yaml", "--set", *overrides)
+    assert out.returncode == 2 and re.search(message, out.stderr), out.stderr
+
+
+def test_expert_memory_follows_the_expert_layout():
+    """Qwen3-30B-A3B on 16 trainer GPUs (TP 4 x DP 4): each of the 48 MoE layers' 128 experts (3 x 2048 x 768
+    parameters) split over EP ranks; the distributed optimizer shards their Adam state over expert DP =
+    16 / EP, so that part stays when EP doubles, while weights and gradients halve. The dense part does not
+    change, and a dense layer count (an mlp_only layer) is never an expert's."""
+    from megatron_gvpo.plan import expert_layer_params, layer_params
+
+    def memory(*overrides):
+        return plan(load_config(Config, REPO / "configs/gvpo_qwen3_30b_a3b.yaml", overrides)).trainer_memory_gb
+
+    experts = 48 * 128 * 3 * 2048 * 768
+    ep8, ep16 = memory(), memory("parallel.ep=16")
+    assert ep8["expert weights"] == pytest.approx(experts / 8 * 2 / 1e9)
+    assert ep8["expert grads (fp32)"] == pytest.approx(experts / 8 * 4 / 1e9)
+    assert ep8["expert Adam (fp32)"] == pytest.approx(experts / 8 * 12 / 2 / 1e9)
+    for key in ("expert weights", "expert grads (fp32)"):
+        assert ep16[key] == pytest.approx(ep8[key] / 2), key
+    assert ep16["expert Adam (fp32)"] == pytest.approx(ep8["expert Adam (fp32)"])
+    for key in ("weights", "gradients (fp32)", "optimizer (Adam, fp32)"):
+        assert ep16[key] == pytest.approx(ep8[key]), key
+    # Without the distributed optimizer every expert rank keeps its experts' whole Adam state: all halves.
+    replicated = [memory("train.distributed_optimizer=false", "cluster.gpu=H200-SXM-141GB", *ep)
+                  for ep in ([], ["parallel.ep=16"])]
+    expert_total = [sum(v for k, v in m.items() if k.startswith("expert")) for m in replicated]
+    assert expert_total[1] == pytest.approx(expert_total[0] / 2)
+
+    from dataclasses import replace
+
+    from megatron_gvpo.models.arch import arch_from_hf
+    from megatron_gvpo.models.hf_io import load_hf_config
+
+    arch = arch_from_hf(load_hf_config(REPO / "configs/models/qwen3_30b_a3b.json"))
+    dense_first = replace(arch, moe_layers=(False,) + arch.moe_layers[1:])
+    assert expert_layer_params(dense_first, 0) == 0 and expert_layer_params(dense_first, 1) == experts // 48
+    assert layer_params(dense_first, 0) < layer_params(dense_first, 1)
+
+
+def test_alltoall_crosses_the_network_when_the_ep_group_leaves_the_node():
+    """The EP group is etp * ep consecutive ranks: inside a node of 8 the dispatch runs over NVLink; at EP 16 half
+    of each rank's peers are on the other node, behind a NIC 9x slower than NVLink, for the same bytes."""
+    def experts(*overrides):
+        return plan(load_config(Config, REPO / "configs/gvpo_qwen3_30b_a3b.yaml", overrides)).experts
+
+    inside, across = experts(), experts("parallel.ep=16")
+    tokens = 4096 // 4  # a micro-batch's tokens on one rank: sequence parallelism splits them over TP 4
+    assert inside["transfer_mb"] == pytest.approx(tokens * 8 * 2048 * 2 * 7 / 8 / 1e6)
+    assert across["transfer_ms"] > 4 * inside["transfer_ms"]
+    dense = plan(load_config(Config, REPO / "configs/gvpo_70b.yaml"))
+    assert dense.experts == {} and dense.params["total"] == dense.params["active"]

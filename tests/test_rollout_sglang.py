@@ -10,7 +10,9 @@ finish reasons are honest ('length' when cut by max_new_tokens);
 a server that dies mid-way gives a RolloutError, and one that never becomes healthy fails within its deadline
 with the server's log. A started server's KV cache and running requests come from the run (`server_budget`,
 or the config where set) and SGLang holds exactly those; a server whose scheduler is SIGKILLed (as by the
-kernel's OOM killer) says which process died, of which signal, and the likely cause.
+kernel's OOM killer) says which process died, of which signal, and the likely cause. Mixtures of experts
+(Qwen3-MoE, Mixtral) are served like transformers on SGLang's CPU MoE path, return the experts transformers' router
+picks, and score like an expert-parallel trainer after a weight sync by each method.
 """
 
 import dataclasses
@@ -360,9 +362,13 @@ def score_batch(url: str, batch: dict) -> list[float]:
     return out
 
 
-def weight_sync_run(model_dir, url, sync_dir, method):
-    """Every rank of a TP2 x PP2 trainer: take an optimizer step (weights move away from the served ones),
-    score a batch before and after a sync by `method`; rank 0 returns what it saw."""
+TP2_PP2 = ("parallel.tp=2", "parallel.pp=2")
+
+
+def weight_sync_run(model_dir, url, sync_dir, method, layout=TP2_PP2):
+    """Every rank of a 4-rank trainer at `layout` (config overrides; TP2 x PP2 by default): take an optimizer
+    step (weights move away from the served ones), score a batch before and after a sync by `method`; rank 0
+    returns what it saw."""
     import torch.distributed as dist
 
     from megatron_gvpo.config import Config, config_from_dict
@@ -380,7 +386,7 @@ def weight_sync_run(model_dir, url, sync_dir, method):
 
     apply_cpu_compat()
     cfg = config_from_dict(Config, {}, [
-        f"model.path={model_dir}", "parallel.tp=2", "parallel.pp=2", "model.seq_length=12", "algo.group_size=2",
+        f"model.path={model_dir}", *layout, "model.seq_length=12", "algo.group_size=2",
         "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=0.05", "train.lr_warmup_steps=0",
     ])
     ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
@@ -511,3 +517,101 @@ def test_qwen3_is_served_like_transformers_and_synced_from_the_trainer(gloo, qwe
                                           str(tmp_path / "sync"), "distributed")[0]
     assert max(abs(a - b) for a, b in zip(trainer, before, strict=True)) > 1e-2
     assert max(abs(a - b) for a, b in zip(trainer, after, strict=True)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixtures of experts: served like transformers, the routed experts returned, synced from an EP trainer
+# ---------------------------------------------------------------------------------------------------------
+
+MOE_FAMILIES = {
+    # 4 experts top-2, renormalised. No dense layer: SGLang ignores mlp_only_layers (`check_servable`).
+    "qwen3_moe": dict(config_class="Qwen3MoeConfig", random_norms=True, head_dim=24, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "mixtral": dict(config_class="MixtralConfig", num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MOE_FAMILIES))
+def moe_served(request, tmp_path_factory):
+    """(family, HF original, the export, a server of the export that returns routed experts); one server per
+    family for all of its tests, which restore the served weights when they change them."""
+    from tests.conftest import served_model_dirs
+
+    fields = dict(MOE_FAMILIES[request.param])
+    original, export = served_model_dirs(tmp_path_factory.mktemp(f"tiny_{request.param}"), fields.pop("config_class"),
+                                         **fields)
+    config = SGLangServerConfig(model_path=str(export), max_total_tokens=4096, return_routed_experts=True)
+    with SGLangServer(config) as server:
+        yield request.param, original, export, server
+
+
+def test_moe_is_served_like_transformers_with_the_experts_its_router_picks(moe_served, ps):
+    """Each family on SGLang's CPU MoE path (its per-expert torch loop): greedy tokens and log-probs equal
+    transformers'; the routed experts of every prompt and generated token (`Sample.routed_experts`) are the top-k
+    of transformers' router logits for the same tokens, layer by layer, wherever the k-th and (k+1)-th logits
+    are not a near-tie."""
+    import transformers
+
+    from megatron_gvpo.models.arch import arch_from_hf
+
+    family, original, _, server = moe_served
+    model = transformers.AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32).eval()
+    arch = arch_from_hf(model.config)
+    client = SGLangClient([server.url], routed_experts_shape=(arch.num_layers, arch.moe_top_k))
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=6, return_routed_experts=True)
+    agree = total = ties = 0
+    for prompt, (sample,) in zip(ps, client.generate(ps, sampling), strict=True):
+        want_ids, want_lp = hf_greedy(original, prompt, 6)
+        assert sample.token_ids == want_ids
+        assert max(abs(a - b) for a, b in zip(sample.logprobs, want_lp, strict=True)) < 1e-4
+        fed = prompt + sample.token_ids[:-1]  # every token the model ran on
+        routed = sample.routed_experts
+        assert routed.dtype == torch.int64 and routed.shape == (len(fed), arch.num_layers, arch.moe_top_k)
+        with torch.no_grad():
+            router_logits = model(torch.tensor([fed]), output_router_logits=True).router_logits  # MoE layers only
+        assert len(router_logits) == arch.num_layers  # all MoE (see MOE_FAMILIES)
+        for layer, logits in enumerate(router_logits):
+            top = logits.float().topk(arch.moe_top_k + 1, dim=-1)
+            clear = top.values[:, -2] - top.values[:, -1] > 1e-4  # else either choice is right
+            same = torch.tensor([set(a.tolist()) == set(b.tolist())
+                                 for a, b in zip(routed[:, layer], top.indices[:, :-1], strict=True)])
+            assert same[clear].all(), (family, layer, routed[:, layer], top)
+            agree, total, ties = agree + int(same.sum()), total + len(same), ties + int((~clear).sum())
+    print(f"{family}: routed experts equal transformers' top-{arch.moe_top_k} for {agree}/{total} "
+          f"(token, layer) pairs, {ties} near-ties")
+
+
+EP2_PP2 = ("parallel.ep=2", "parallel.pp=2")  # experts over the 2 data-parallel ranks of each stage
+TP2_SP_EP2 = ("parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2")  # expert TP = TP = 2
+TP2_SP_EP2_ETP1 = (*TP2_SP_EP2, "parallel.etp=1")  # whole experts, two expert-data-parallel replicas
+
+MOE_SYNCS = {  # every method once across the families, each from an expert-parallel trainer
+    "qwen3_moe": [("distributed", EP2_PP2), ("tensor", TP2_SP_EP2)],
+    "mixtral": [("disk", TP2_SP_EP2_ETP1)],
+}
+
+
+def test_moe_weight_sync_from_an_expert_parallel_trainer_makes_sglang_score_like_it(gloo, moe_served, tmp_path):
+    """After a trainer step with the experts split over EP ranks (and TP / expert TP / PP), a sync by each method
+    (`weight_sync_run`) makes SGLang's sequence log-probs equal the trainer's Megatron model's; before, they
+    differ. The served weights are restored after each sync."""
+    from megatron_gvpo.rollout.sglang import _http
+
+    family, original, export, server = moe_served
+    for method, layout in MOE_SYNCS[family]:
+        try:
+            trainer, before, after = gloo.run(4, weight_sync_run, str(original), server.url,
+                                              str(tmp_path / method), method, layout)[0]
+        finally:
+            answer = _http(f"{server.url}/update_weights_from_disk",
+                           {"model_path": str(export), "weight_version": "initial"}, 120)
+            assert answer["success"]
+        assert max(abs(a - b) for a, b in zip(trainer, before, strict=True)) > 1e-2, (method, layout)
+        assert max(abs(a - b) for a, b in zip(trainer, after, strict=True)) < 1e-4, (method, layout)
+
+
+def test_a_qwen3_moe_with_dense_layers_is_refused(tmp_path):
+    """SGLang 0.5.23 would serve it with every layer a mixture of experts (`check_servable`): refused before start."""
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3_moe", "mlp_only_layers": [1]}')
+    with pytest.raises(ValueError, match=r"mlp_only_layers=\[1\].*SGLang would run wrongly"):
+        SGLangServer(SGLangServerConfig(model_path=str(tmp_path))).start()

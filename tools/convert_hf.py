@@ -1,10 +1,12 @@
 """Convert Hugging Face checkpoints into Megatron dist_checkpointing checkpoints and back.
 
-    python tools/convert_hf.py import --hf DIR --out DIR [--tp N --pp M --vpp V] [--dtype bf16] [--force]
+    python tools/convert_hf.py import --hf DIR --out DIR [--tp N --pp M --vpp V --ep E --etp T] [--dtype bf16] [--force]
     python tools/convert_hf.py export --megatron DIR --out DIR [--dtype bf16] [--max-shard-size 2GB] [--force]
 
 import writes the model weights as a Megatron checkpoint that the trainer loads at any TP/PP/DP layout
-(`--set model.load=DIR`); --tp/--pp/--vpp check that the layout fits the model and set the vocabulary padding.
+(`--set model.load=DIR`); --tp/--pp/--vpp/--ep/--etp check that the layout fits the model and --tp sets the
+vocabulary padding. Mixture-of-experts checkpoints store each layer's experts along one expert axis, so the
+same checkpoint loads at any expert-parallel size too.
 export takes such a checkpoint, or a training checkpoint (`<run.dir>/checkpoints/step_NNNNNNN`), and writes
 safetensors shards with an index, config.json, generation_config.json and the tokenizer files, which
 transformers and SGLang load. Both stream one tensor at a time (see megatron_gvpo/megatron/convert.py).
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--tp", type=int, default=1)
     imp.add_argument("--pp", type=int, default=1)
     imp.add_argument("--vpp", type=int, default=None)
+    imp.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixture-of-experts models)")
+    imp.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
     exp = sub.add_parser("export", help="Megatron checkpoint -> HF directory")
     exp.add_argument("--megatron", required=True, help="checkpoint directory (import output or a training step)")
     exp.add_argument("--max-shard-size", type=parse_size, default=2 * 2**30, help="per safetensors file (2GB)")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.direction == "import":
-            summary = import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=args.dtype,
+            summary = import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep,
+                                etp=args.etp, dtype=args.dtype,
                                 force=args.force, progress=not args.no_progress)
         else:
             summary = export_hf(args.megatron, args.out, dtype=args.dtype, force=args.force,

@@ -76,3 +76,23 @@ def split_microbatches(
         _slice_rows(batch, (m * dp_size + dp_rank) * micro_batch_size, (m * dp_size + dp_rank + 1) * micro_batch_size)
         for m in range(count)
     ]
+
+
+ROUTES_KEY = "routed_experts"
+"""Optional batch key: the rollout's experts per token, [rows, tokens, MoE layers, top_k] (routing replay,
+`megatron_gvpo.megatron.routing_replay`)."""
+
+
+def unrouted(rows: int, tokens: int, layers: int, top_k: int) -> torch.Tensor:
+    """Routes for positions the rollout did not route (a sequence's last token, padding): experts 0..k-1.
+    Those positions come after every scored one in their row, so with causal attention they change no
+    scored log-prob; distinct experts keep Megatron's routing map well formed."""
+    return torch.arange(top_k).expand(rows, tokens, layers, top_k).clone()
+
+
+def pad_routes(routes: torch.Tensor, tokens: int) -> torch.Tensor:
+    """`routes` [rows, s, layers, k] extended to `tokens` positions with `unrouted` ones."""
+    rows, s, layers, k = routes.shape
+    if tokens == s:
+        return routes
+    return torch.cat([routes, unrouted(rows, tokens - s, layers, k).to(routes.dtype)], dim=1)

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from megatron_gvpo.data.batch import make_targets
+from megatron_gvpo.data.batch import ROUTES_KEY, make_targets, unrouted
 from megatron_gvpo.data.records import BadRecord, RowError, read_records
 
 if TYPE_CHECKING:
@@ -140,6 +140,9 @@ class Group:
     rewards: tuple[float, ...]
     source: str
     """Where the row came from, "path:line"."""
+    routes: tuple[torch.Tensor, ...] | None = None
+    """Per response, the experts the rollout engine routed its tokens to (routing replay): int16
+    [prompt + response - 1 tokens, MoE layers, top_k]; None without routing replay."""
 
 
 @dataclass
@@ -536,4 +539,27 @@ def collate(groups: Sequence[Group], seq_len: int | None = None, pad_id: int = 0
     targets, loss_mask = make_targets(tokens, response_mask)
     rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
     group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.response_ids], dtype=torch.int64)
-    return {"tokens": tokens, "loss_mask": loss_mask, "targets": targets, "rewards": rewards, "group_ids": group_ids}
+    batch = {"tokens": tokens, "loss_mask": loss_mask, "targets": targets, "rewards": rewards, "group_ids": group_ids}
+    if any(g.routes is not None for g in groups):
+        batch[ROUTES_KEY] = _collate_routes(groups, seq_len)
+    return batch
+
+
+def _collate_routes(groups: Sequence[Group], seq_len: int) -> torch.Tensor:
+    """[rows, seq_len, MoE layers, top_k] int16 routes aligned with the rows' tokens (`routing_replay`); the
+    positions the rollout did not route get `unrouted` experts. int16: a batch of long rows of a large MoE is
+    big (rows x tokens x layers x k), and expert indices fit."""
+    if any(g.routes is None for g in groups):
+        raise ValueError("routing replay: some groups carry routed experts and some do not (a replayed group from "
+                         "a run without rollout.routing_replay?)")
+    first = groups[0].routes[0]
+    out = unrouted(sum(len(g.response_ids) for g in groups), seq_len, first.shape[1], first.shape[2]).to(torch.int16)
+    n = 0
+    for g in groups:
+        for response, routes in zip(g.response_ids, g.routes, strict=True):
+            if routes.shape[0] != len(g.prompt_ids) + len(response) - 1:
+                raise ValueError(f"routing replay: {routes.shape[0]} routed positions for a row of "
+                                 f"{len(g.prompt_ids) + len(response)} tokens ({g.source})")
+            out[n, : routes.shape[0]] = routes
+            n += 1
+    return out

@@ -5,18 +5,25 @@ import: HF directory -> a Megatron checkpoint (torch_dist format) of the model w
     layer axis, the gate/up split of linear_fc1) is taken from Megatron itself: a `GPTModel` built on the meta
     device (no memory) provides `sharded_state_dict()`, and the bytes of each shard are produced only when
     PyTorch's checkpoint writer asks for them (`_Materializer`, behind the planner of
-    `_streaming_strategy`): the HF tensors of that one parameter are read, converted by the name maps of
-    `megatron_gvpo.models.hf_maps`, written and dropped.
+    `_streaming_strategy`): the HF tensors of that one parameter are read straight into their places in it
+    (the layouts of `megatron_gvpo.models.hf_maps.VIEWS`: no concatenation, no copy), written and overwritten
+    by the next parameter. The archives are written without CRC-32s and without an fsync per file
+    (`_without_crc32`, `_streaming_strategy`), which made up more than half of the time; the whole output is
+    flushed once before it is published (`atomic_output_dir`).
 export: a Megatron checkpoint (from import or from training) -> HF safetensors shards with an index,
-    config.json, generation_config.json and the tokenizer files. Each HF tensor is made from the Megatron
-    tensor it needs, loaded alone from the checkpoint (one layer's chunk of a stacked tensor is read, not
-    the stack), and streamed into its shard file, whose header was written from a plan made up front.
+    config.json, generation_config.json and the tokenizer files, streamed into shard files whose headers were
+    written from a plan made up front. The metadata is read once (`_CheckpointReader`); an HF tensor stored
+    plainly (a whole chunk, or a contiguous part such as linear_fc1's gate half or a query group's rows of
+    linear_qkv) is copied file to file by the kernel (`os.copy_file_range`), anything else (a chunk written
+    at another TP layout, a dtype conversion) is read alone into memory (one layer's chunk of a stacked
+    tensor, not the stack) and written from its views.
 
-Both keep about one parameter's tensors in memory, so peak memory is below 1.5x the largest tensor whatever
-the model size (measured in benchmarks/convert_memory.py). The HF files the model needs besides its weights
-(config, generation config, tokenizer) travel inside the Megatron checkpoint in `hf/`, so an exported model
-is complete. Output directories are written as `<out>.tmp` and renamed when complete: an interrupted run never
-leaves a directory that looks finished.
+Both keep at most one parameter in memory, in one buffer reused for every parameter, so peak memory is below
+1.5x the largest tensor whatever the model size; throughput is close to that of a plain safetensors read and
+write of the same bytes (both measured in benchmarks/convert_memory.py). The HF files the model needs besides
+its weights (config, generation config, tokenizer) travel inside the Megatron checkpoint in `hf/`, so an
+exported model is complete. Output directories are written as `<out>.tmp` and renamed when complete: an
+interrupted run never leaves a directory that looks finished.
 
 Vocabulary padding: Megatron pads the vocabulary to a multiple of 128 * TP. Import pads for the TP given (the
 trainer loads it at another TP too: Megatron reads embedding tensors with allow_shape_mismatch); export
@@ -25,14 +32,17 @@ removes the padding.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import functools
 import io
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import sys
 import time
 import zipfile
@@ -47,12 +57,13 @@ from megatron_gvpo.models.hf_io import (
     HF_ASSETS_DIR,
     SafetensorsCheckpoint,
     SafetensorsStreamWriter,
+    contiguous_blocks,
     copy_hf_assets,
     load_hf_config,
     readinto_exactly,
     tensor_bytes,
 )
-from megatron_gvpo.models.hf_maps import expected_hf_names, hf_to_megatron, megatron_to_hf, rules
+from megatron_gvpo.models.hf_maps import TRANSFORMS, expected_hf_names, hf_views, megatron_to_hf, rules
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -95,7 +106,8 @@ def release_free_memory() -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
-    """Yield `<out>.tmp` to write into; on success it replaces `out`, on failure it is removed."""
+    """Yield `<out>.tmp` to write into; on success its files reach the disk (`_fsync_tree`) and it replaces
+    `out`, on failure it is removed."""
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"output directory {out} exists; pass --force to replace it")
@@ -108,6 +120,7 @@ def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_tree(tmp)
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -116,6 +129,24 @@ def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file of `directory`, then the directory, to the disk: the rename that publishes the output
+    must not reach the disk before its contents (after a power cut, a complete-looking directory of missing
+    bytes). Once at the end rather than per file as written: the writes themselves then run at page-cache
+    speed."""
+    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,13 +190,14 @@ def meta_model(arch: Arch, padded_vocab: int, dtype: torch.dtype):
                                max_sequence_length=arch.max_position_embeddings)
 
 
-def check_layout(arch: Arch, tp: int, pp: int, vpp: int | None) -> None:
-    """The checks the trainer makes for a layout (heads, query groups, FFN and layers divisible)."""
+def check_layout(arch: Arch, tp: int, pp: int, vpp: int | None, ep: int = 1, etp: int | None = None) -> None:
+    """The checks the trainer makes for a layout (heads, query groups, FFN, layers and experts divisible)."""
     from megatron_gvpo.megatron.model import transformer_config
 
-    if tp < 1 or pp < 1 or (vpp is not None and (vpp < 1 or pp < 2)):
-        raise ValueError(f"invalid layout --tp {tp} --pp {pp} --vpp {vpp} (vpp needs pp >= 2)")
-    transformer_config(arch, tp=tp, pp=pp, vpp=vpp)
+    if tp < 1 or pp < 1 or ep < 1 or (etp is not None and etp < 1) or (vpp is not None and (vpp < 1 or pp < 2)):
+        raise ValueError(f"invalid layout --tp {tp} --pp {pp} --vpp {vpp} --ep {ep} --etp {etp} (vpp needs pp >= 2)")
+    # Sequence parallelism does not change a checkpoint's layout; a MoE model at TP > 1 trains only with it.
+    transformer_config(arch, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sequence_parallel=tp > 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,54 +218,93 @@ def _checked_hf_tensors(arch: Arch, hf_dir: Path) -> SafetensorsCheckpoint:
     return hf
 
 
+class _ReusedBuffer:
+    """One allocation that holds each parameter in turn, as large as the largest one. Memory stays at one
+    parameter, and its pages, once touched, are not faulted in again: reading into freshly allocated memory
+    (which the kernel zeroes page by page) ran at a third of the speed of reading into memory already touched."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.storage = nbytes, None
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.storage is None:  # allocated at first use (an export may never need it)
+            self.storage = torch.empty(self.nbytes, dtype=torch.uint8)
+        return self.storage[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+
+
+def _exact_storage(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as the contiguous `t`, as a tensor whose storage is exactly `t`'s bytes: PyTorch's
+    checkpoint writer copies a tensor whose storage is larger than the tensor (a view of the reused buffer)
+    before saving it, and keeps every tensor it saved referenced until the end (see `_Materializer`)."""
+    assert t.is_contiguous(), "a checkpoint shard of the TP = PP = 1 model is contiguous"
+    if t.nbytes == 0:
+        return t.clone()
+    return torch.frombuffer(tensor_bytes(t), dtype=t.dtype).view(t.shape)
+
+
 class _Materializer:
     """Real bytes for the shards Megatron's checkpoint writer asks for, one parameter at a time.
 
     The writer names a shard by its sharded key and global offset; `where` maps those to the parameter and
     to the meta view (of the whole parameter, or of a part of it such as linear_fc1's gate half) whose
-    strides say which elements of the parameter the shard holds."""
+    strides say which elements of the parameter the shard holds. The parameter is assembled in a buffer
+    reused for every parameter, its HF tensors read straight into their places (`hf_maps.VIEWS`); the
+    shards handed to the writer are views of that buffer, so PyTorch's writer, which keeps a reference to every
+    tensor it has written until it is done, holds no memory of its own."""
 
-    def __init__(self, model, arch: Arch, hf, padded_vocab: int, dtype: torch.dtype, progress: Callable[[int], None]):
+    def __init__(self, model, arch: Arch, hf: SafetensorsCheckpoint, padded_vocab: int, dtype: torch.dtype,
+                 progress: Callable[[int], None]):
         self.shape_of = {name: tuple(p.shape) for name, p in model.named_parameters()}
         self.where = {(key, offset): (name, view)
                       for name, shards in _shard_table(model).items() for key, offset, view in shards}
+        self.rule_of = {r.megatron: r for r in rules(arch)}
         self.arch, self.hf, self.padded_vocab, self.dtype = arch, hf, padded_vocab, dtype
         self.progress = progress
         self.summary = ConvertSummary()
-        self._cached: tuple[str, torch.Tensor] | None = None
+        self.buffer = _ReusedBuffer(max(math.prod(s) for s in self.shape_of.values()) * dtype.itemsize)
+        self._current: tuple[str, torch.Tensor] | None = None
+
+    def _check_shapes(self, name: str) -> None:
+        """ValueError naming the HF tensors when they do not make the parameter's shape (checked on the meta
+        device: the transform applied to their shapes alone)."""
+        rule = self.rule_of[name]
+        hf_meta = [torch.empty(self.hf.shape_of(n), device="meta") for n in rule.hf]
+        made = tuple(TRANSFORMS[rule.transform][0](self.arch, self.padded_vocab, *hf_meta).shape)
+        views = hf_views(self.arch, self.padded_vocab, rule.transform, torch.empty(self.shape_of[name], device="meta"))
+        if made != self.shape_of[name] or any(v.numel() != t.numel() for v, t in zip(views, hf_meta, strict=True)):
+            raise ValueError(
+                f"shape mismatch: {', '.join(rule.hf)} give {name} of shape {made}, the config "
+                f"({self.arch.model_type}) needs {self.shape_of[name]}"
+            )
 
     def parameter(self, name: str) -> torch.Tensor:
         # Consecutive requests hit the same parameter (linear_fc1's gate and up halves): keep one.
-        if self._cached is None or self._cached[0] != name:
-            if self._cached is not None:
-                # The serial writer has written everything it got from this parameter, but its loop variable
-                # still references the last view until the next tensor is resolved: free the bytes now, or
-                # two parameters would be resident at every step.
-                self._cached[1].untyped_storage().resize_(0)
-            self._cached = None
-            release_free_memory()
-            (_, full), = hf_to_megatron(self.arch, self.hf, self.padded_vocab, only={name})
-            if tuple(full.shape) != self.shape_of[name]:
-                hf_names = next(r.hf for r in rules(self.arch) if r.megatron == name)
-                raise ValueError(
-                    f"shape mismatch: {', '.join(hf_names)} give {name} of shape {tuple(full.shape)}, the config "
-                    f"({self.arch.model_type}) needs {self.shape_of[name]}"
-                )
-            self._cached = (name, full.to(self.dtype).contiguous())
+        if self._current is None or self._current[0] != name:
+            self._check_shapes(name)
+            rule = self.rule_of[name]
+            full = self.buffer.tensor(self.shape_of[name], self.dtype)
+            views = hf_views(self.arch, self.padded_vocab, rule.transform, full)
+            if sum(v.numel() for v in views) != full.numel():
+                full.zero_()  # vocabulary padding
+            for hf_name, view in zip(rule.hf, views, strict=True):
+                self.hf.read_into(hf_name, view)
+            if any(self.hf.dtype_of(n) != self.dtype for n in rule.hf):
+                release_free_memory()  # the tensors read whole to be converted
+            self._current = (name, full)
             self.summary.tensors += 1
-            self.summary.bytes += self._cached[1].nbytes
-            self.progress(self._cached[1].nbytes)
-        return self._cached[1]
+            self.summary.bytes += full.nbytes
+            self.progress(full.nbytes)
+        return self._current[1]
 
     def release(self) -> None:
-        """Drop the last parameter now (the strategy classes that reference this object are cycles)."""
-        self._cached = None
+        """Drop the buffer now (the strategy classes that reference this object are cycles)."""
+        self._current = self.buffer = None
         release_free_memory()
 
     def __call__(self, key: str, offset: tuple[int, ...], meta: torch.Tensor) -> torch.Tensor:
         name, view = self.where[(key, offset)]
         full = self.parameter(name)
-        return full.as_strided(view.shape, view.stride(), view.storage_offset()).reshape(meta.shape)
+        return _exact_storage(full.as_strided(view.shape, view.stride(), view.storage_offset()).reshape(meta.shape))
 
 
 def _nested_values(x) -> Iterator:
@@ -245,6 +316,19 @@ def _nested_values(x) -> Iterator:
             yield from _nested_values(v)
     else:
         yield x
+
+
+@contextlib.contextmanager
+def _without_crc32() -> Iterator[None]:
+    """`torch.save` without the CRC-32 of each record: computing it took half the time of writing a tensor,
+    and nothing reads it back (`torch.load`, with it PyTorch's checkpoint reader and so Megatron's, does not
+    check it; PyTorch documents that it loads such files; `unzip -t` would complain)."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
 
 
 def _streaming_strategy(materializer: _Materializer):
@@ -269,10 +353,14 @@ def _streaming_strategy(materializer: _Materializer):
         def save(self, sharded_state_dict, checkpoint_dir: Path):
             sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
             pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0)
+            # No fsync per file (sync_files): atomic_output_dir flushes the whole output once, before the
+            # rename that publishes it; per file, the writer waited for the disk after every file.
+            writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0,
+                                          sync_files=False)
             try:
-                dcp.save(pyt_state_dict, storage_writer=writer,
-                         planner=MaterializingPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+                with _without_crc32():
+                    dcp.save(pyt_state_dict, storage_writer=writer,
+                             planner=MaterializingPlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
             except dcp.api.CheckpointException as e:
                 # Our own errors (a bad HF tensor) come back wrapped per rank: raise the original.
                 for exc, _traceback in e.failures.values():
@@ -284,14 +372,15 @@ def _streaming_strategy(materializer: _Materializer):
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, vpp: int | None = None,
-              dtype: str | None = None, force: bool = False, progress: bool = True) -> ConvertSummary:
+              ep: int = 1, etp: int | None = None, dtype: str | None = None, force: bool = False,
+              progress: bool = True) -> ConvertSummary:
     """HF directory -> Megatron checkpoint of the model weights (module docstring)."""
     from megatron.core import dist_checkpointing
 
     hf_dir = Path(hf_dir)
     config = load_hf_config(hf_dir)
     arch = arch_from_hf(config)
-    check_layout(arch, tp, pp, vpp)
+    check_layout(arch, tp, pp, vpp, ep, etp)
     hf = _checked_hf_tensors(arch, hf_dir)
     torch_dtype = DTYPES[dtype] if dtype else hf.dtype_of(rules(arch)[0].hf[0])
     padded = padded_vocab_size(arch.vocab_size, tp)
@@ -304,7 +393,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
         materializer.release()
         copy_hf_assets(hf_dir, tmp / HF_ASSETS_DIR)
         (tmp / "convert_hf.json").write_text(json.dumps(
-            {"source": str(hf_dir), "tp": tp, "pp": pp, "vpp": vpp, "dtype": str(torch_dtype),
+            {"source": str(hf_dir), "tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp, "dtype": str(torch_dtype),
              "padded_vocab_size": padded}, indent=2) + "\n")
     materializer.summary.seconds = time.perf_counter() - start
     return materializer.summary
@@ -344,72 +433,107 @@ def _shard_table(model) -> dict[str, list[tuple[str, tuple[int, ...], torch.Tens
     return table
 
 
-def _load_parameter(ckpt: Path, shape: torch.Size, dtype: torch.dtype, shards: list) -> torch.Tensor:
-    """One parameter, read alone from a Megatron checkpoint: only its own chunks' bytes are read (one layer of a
-    layer-stacked tensor, not the stack)."""
-    import torch.distributed.checkpoint as dcp
+class _CheckpointReader:
+    """Regions of tensors of a torch_dist checkpoint, read alone (one layer of a layer-stacked tensor, not the
+    stack). The metadata is read once and the data files stay open: a `dcp.load` per parameter re-read and
+    re-planned the whole metadata each time, which grows with the number of tensors (tens of thousands in a
+    large MoE). PyTorch's own helpers say which stored chunks (of whatever TP/PP layout wrote them) cover a
+    region."""
 
-    out = torch.empty(shape, dtype=dtype)
-    regions = {}
-    for key, offset, view in shards:
-        dest = out.as_strided(view.shape, view.stride(), view.storage_offset())
-        sizes = (1,) * (len(offset) - view.dim()) + tuple(view.shape)
-        regions[(key, offset)] = dest.view(sizes)
-    reader_class, planner_class = _checkpoint_io_classes()
-    dcp.load({}, storage_reader=reader_class(str(ckpt)), planner=planner_class(ckpt, regions), no_dist=True)
-    return out
+    def __init__(self, ckpt: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.ckpt = ckpt
+        self.metadata = FileSystemReader(str(ckpt)).read_metadata()
+        self._files: dict[str, io.FileIO] = {}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def _file(self, relative_path: str) -> io.FileIO:
+        if relative_path not in self._files:
+            self._files[relative_path] = open(self.ckpt / relative_path, "rb", buffering=0)
+        return self._files[relative_path]
+
+    def _chunks(self, key: str, offset: tuple[int, ...], dest: torch.Tensor) -> Iterator[tuple]:
+        """(part of `dest`, file, storage info, read item, offset in the file of the part's bytes or None) for
+        each stored chunk that holds part of the region of stored tensor `key` at global `offset` of `dest`'s
+        shape; the offset is None unless the chunk is that part exactly, stored plainly (see
+        `_stored_tensor_data`). `dest` may be on the meta device."""
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        stored = self.metadata.state_dict_metadata.get(key)
+        if stored is None:
+            raise ValueError(f"{self.ckpt}: the checkpoint has no tensor {key!r}")
+        chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=dest.shape)
+        for item in create_read_items_for_chunk_list(key, stored, [chunk]):
+            info = self.metadata.storage_data[item.storage_index]
+            if info.transform_descriptors:
+                raise ValueError(f"{self.ckpt}: tensor {key!r} is stored with transforms "
+                                 f"{info.transform_descriptors}, which the converter does not read")
+            part = dest
+            for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths, strict=True)):
+                part = part.narrow(dim, start, length)
+            f = self._file(info.relative_path)
+            data = None if any(item.storage_offsets) else _stored_tensor_data(f, info.offset, info.length, part)
+            yield part, f, info, item, data
+
+    def read_into(self, key: str, offset: tuple[int, ...], dest: torch.Tensor) -> None:
+        """Fill `dest` with the region of stored tensor `key` that starts at global `offset` (dest's shape)."""
+        for part, f, info, item, data in self._chunks(key, offset, dest):
+            if data is not None and part.is_contiguous():
+                f.seek(data)
+                readinto_exactly(f, tensor_bytes(part), f"{f.name}: tensor {key!r} at {data}")
+                continue
+            # Part of a stored chunk, or a strided part of the destination (chunks written at another TP
+            # layout): load the chunk, copy the part.
+            whole = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
+                whole = whole.narrow(dim, start, length)
+            part.copy_(whole)
+            del whole
+            release_free_memory()
+
+    def byte_ranges(self, shards: list, param: torch.Tensor) -> list[tuple[int, io.FileIO, int, int]] | None:
+        """Where the bytes of a parameter (`param` on the meta device, `shards` its `_shard_table` entry) are in
+        the checkpoint's files: (offset in the parameter, file, offset in the file, length), in order; None
+        unless every stored chunk holding it is a contiguous part of it, stored plainly."""
+        ranges = []
+        for key, offset, view in shards:
+            sizes = (1,) * (len(offset) - view.dim()) + tuple(view.shape)
+            dest = param.as_strided(view.shape, view.stride(), view.storage_offset()).view(sizes)
+            for part, f, _, _, data in self._chunks(key, offset, dest):
+                if data is None or not part.is_contiguous():
+                    return None
+                ranges.append((part.storage_offset() * part.itemsize, f, data, part.nbytes))
+        ranges.sort(key=lambda r: r[0])
+        covered = 0
+        for start, _, _, length in ranges:
+            if start != covered:
+                return None
+            covered += length
+        return ranges if covered == param.nbytes else None
 
 
-@functools.cache
-def _checkpoint_io_classes():
-    """(reader, planner) classes for `_load_parameter`, made once: classes are reference cycles, and a class
-    made per call would keep its call's tensors alive until the cycle collector runs."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-
-    class RegionPlanner(DefaultLoadPlanner):
-        """Reads the given regions {(sharded key, global offset): destination} and nothing else."""
-
-        def __init__(self, ckpt: Path, regions: dict):
-            super().__init__()
-            self.ckpt, self.regions = ckpt, regions
-
-        def create_local_plan(self) -> LoadPlan:
-            items = []
-            for (key, offset), dest in self.regions.items():
-                if key not in self.metadata.state_dict_metadata:
-                    raise ValueError(f"{self.ckpt}: the checkpoint has no tensor {key!r}")
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=dest.shape)
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-            return LoadPlan(items)
-
-        def resolve_tensor(self, read_item):
-            dest = self.regions[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
-            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
-                dest = dest.narrow(dim, start, length)
-            return dest
-
-    class DirectTensorReader(dcp.FileSystemReader):
-        """FileSystemReader that reads whole stored tensors straight into their destination
-        (`_read_stored_tensor_into`) and leaves everything else to the stock path."""
-
-        def read_data(self, plan, planner):
-            rest = []
-            for req in plan.items:
-                info = self.storage_data[req.storage_index]
-                dest = planner.resolve_tensor(req).detach() if req.type == LoadItemType.TENSOR else None
-                whole = dest is not None and not any(req.storage_offsets) and not info.transform_descriptors
-                if whole and _read_stored_tensor_into(Path(self.path) / info.relative_path, info.offset,
-                                                      info.length, dest):
-                    planner.commit_tensor(req, dest)
-                else:
-                    rest.append(req)
-            return super().read_data(LoadPlan(rest), planner)
-
-    return DirectTensorReader, RegionPlanner
+def _file_pieces(view: torch.Tensor, ranges: list[tuple[int, io.FileIO, int, int]]) -> list[tuple[io.FileIO, int, int]]:
+    """The (file, offset, length) pieces that hold `view`'s elements in row-major order, given where its
+    parameter's bytes are (`_CheckpointReader.byte_ranges`); `view` is a view of the parameter on the meta device."""
+    starts = [r[0] for r in ranges]
+    pieces = []
+    for block in contiguous_blocks(view):
+        begin = block.storage_offset() * block.itemsize
+        end = begin + block.nbytes
+        k = bisect.bisect_right(starts, begin) - 1
+        while begin < end:
+            start, f, data, length = ranges[k]
+            n = min(end, start + length) - begin
+            pieces.append((f, data + begin - start, n))
+            begin += n
+            k += 1
+    return pieces
 
 
 class _FileSlice(io.RawIOBase):
@@ -440,28 +564,40 @@ class _FileSlice(io.RawIOBase):
         return got
 
 
-def _read_stored_tensor_into(path: Path, offset: int, length: int, dest: torch.Tensor) -> bool:
-    """Read a tensor that PyTorch's checkpoint writer stored (one `torch.save` archive at [offset, +length)
-    of the file) straight into `dest`, when it is exactly `dest`'s shape and dtype, contiguous, alone in its
-    storage, and stored uncompressed; returns False (nothing read) otherwise. `torch.load` would first build
-    the whole tensor (and on the way a copy of its bytes), several times `dest`'s size at peak."""
-    with open(path, "rb", buffering=0) as f:
-        stored = torch.load(_FileSlice(f, offset, length), map_location="meta", weights_only=True)  # reads no data
-        if not (isinstance(stored, torch.Tensor) and stored.dtype == dest.dtype and stored.shape == dest.shape
-                and stored.is_contiguous() and stored.storage_offset() == 0
-                and stored.untyped_storage().nbytes() == dest.nbytes and dest.is_contiguous()
-                and sys.byteorder == "little"):
-            return False
-        with zipfile.ZipFile(_FileSlice(f, offset, length)) as archive:
-            records = [i for i in archive.infolist() if re.search(r"/data/\d+$", i.filename)]
-            byteorder = [i for i in archive.infolist() if i.filename.endswith("/byteorder")]
-            if (len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED
-                    or records[0].file_size != dest.nbytes
-                    or (byteorder and archive.read(byteorder[0]).strip() != b"little")):
-                return False
-            with archive.open(records[0]) as src:
-                readinto_exactly(src, tensor_bytes(dest), f"{path}: stored tensor {records[0].filename}")
-    return True
+_ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # a zip file's local header (zipfile's structFileHeader)
+
+
+def _stored_tensor_data(f: io.FileIO, offset: int, length: int, dest: torch.Tensor) -> int | None:
+    """Where in the file the bytes of a tensor that PyTorch's checkpoint writer stored (one `torch.save`
+    archive at [offset, +length) of the file) begin, when it is exactly `dest`'s shape and dtype (dest may be on
+    the meta device), contiguous, alone in its storage, and stored uncompressed; None otherwise. Reading those
+    bytes straight into place (or copying them file to file) avoids `torch.load`, which would first build the
+    whole tensor (and on the way a copy of its bytes), and `zipfile`, which copies them twice more."""
+    stored = torch.load(_FileSlice(f, offset, length), map_location="meta", weights_only=True)  # reads no data
+    if not (isinstance(stored, torch.Tensor) and stored.dtype == dest.dtype and stored.shape == dest.shape
+            and stored.is_contiguous() and stored.storage_offset() == 0
+            and stored.untyped_storage().nbytes() == dest.nbytes and sys.byteorder == "little"):
+        return None
+    with zipfile.ZipFile(_FileSlice(f, offset, length)) as archive:
+        records = [i for i in archive.infolist() if re.search(r"/data/\d+$", i.filename)]
+        byteorder = [i for i in archive.infolist() if i.filename.endswith("/byteorder")]
+    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or records[0].file_size != dest.nbytes:
+        return None
+    order = byteorder and os.pread(f.fileno(), byteorder[0].file_size, _record_data(f, offset, byteorder[0]))
+    if order and order.strip() != b"little":
+        return None
+    return _record_data(f, offset, records[0])
+
+
+def _record_data(f: io.FileIO, archive_offset: int, record: zipfile.ZipInfo) -> int:
+    """Where the bytes of an uncompressed record of the zip archive at `archive_offset` of the file begin: after
+    its local header, whose name and extra fields have lengths of their own. (zipfile reads them only through
+    `open`, which copies and checks the CRC, which PyTorch may have left out: `_without_crc32`.)"""
+    header_at = archive_offset + record.header_offset
+    header = _ZIP_LOCAL_HEADER.unpack(os.pread(f.fileno(), _ZIP_LOCAL_HEADER.size, header_at))
+    if header[0] != zipfile.stringFileHeader:
+        raise ValueError(f"{f.name}: record {record.filename} has no zip local header where expected")
+    return header_at + _ZIP_LOCAL_HEADER.size + header[-2] + header[-1]
 
 
 def export_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str | None = None, force: bool = False,
@@ -488,16 +624,38 @@ def export_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str | None = 
         meta = {name: torch.empty(shape, dtype=stored_dtype, device="meta") for name, shape in shapes.items()}
         plan = [(name, tuple(t.shape), torch_dtype) for name, t in megatron_to_hf(arch, meta, padded)]
         writer = SafetensorsStreamWriter(tmp, plan, max_shard_bytes)
-        for rule in rules(arch):
-            params = {rule.megatron: _load_parameter(ckpt, shapes[rule.megatron], stored_dtype, table[rule.megatron])}
-            for name, tensor in megatron_to_hf(arch, params, padded, only={rule.megatron}):
-                tensor = tensor.to(torch_dtype)
-                writer.write(name, tensor)
-                summary.tensors += 1
-                summary.bytes += tensor.nbytes
-                bar(tensor.nbytes)
-            params = tensor = None  # before trimming: the last tensor is still bound to the loop variable
-            release_free_memory()
+        buffer = _ReusedBuffer(max(math.prod(s) for s in shapes.values()) * stored_dtype.itemsize)
+        reader = _CheckpointReader(ckpt)
+        try:
+            for rule in rules(arch):
+                # Bytes stored plainly are copied file to file by the kernel; the rest (a chunk of another TP
+                # layout, a dtype conversion) goes through the buffer. Either way each HF tensor is written from
+                # its view of the parameter (`hf_maps.VIEWS`), with no intermediate copy.
+                param = meta[rule.megatron]
+                ranges = reader.byte_ranges(table[rule.megatron], param) if torch_dtype == stored_dtype else None
+                if ranges is None:
+                    param = buffer.tensor(tuple(shapes[rule.megatron]), stored_dtype)
+                    for key, offset, view in table[rule.megatron]:
+                        # The stored chunk has the prepended (layer) axes of size 1 in front of the local shape.
+                        sizes = (1,) * (len(offset) - view.dim()) + tuple(view.shape)
+                        reader.read_into(key, offset, param.as_strided(view.shape, view.stride(),
+                                                                       view.storage_offset()).view(sizes))
+                for name, view in zip(rule.hf, hf_views(arch, padded, rule.transform, param), strict=True):
+                    if ranges is not None:
+                        writer.write_from_files(name, stored_dtype, _file_pieces(view, ranges))
+                    elif torch_dtype == stored_dtype:
+                        writer.write(name, view)
+                    else:
+                        writer.write(name, view.to(torch_dtype).reshape(-1, *param.shape[1:]))
+                        release_free_memory()  # the converted copy
+                    nbytes = view.numel() * torch_dtype.itemsize
+                    summary.tensors += 1
+                    summary.bytes += nbytes
+                    bar(nbytes)
+        finally:
+            reader.close()
+        buffer = param = view = None
+        release_free_memory()
         writer.close()
         copy_hf_assets(assets, tmp)
         _finish_hf_config(tmp, config, torch_dtype)

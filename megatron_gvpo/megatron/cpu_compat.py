@@ -1,7 +1,7 @@
 """Run megatron-core 0.16.1 on a CPU-only PyTorch (development and CI machines; production is CUDA).
 
 `apply_cpu_compat()` does nothing and returns False when `torch.cuda.is_available()`: on a GPU every
-Megatron code path stays untouched. Without CUDA it applies four groups of patches once per process and
+Megatron code path stays untouched. Without CUDA it applies five groups of patches once per process and
 returns True. It may be called before or after `import megatron.core` (it imports the one Megatron module
 it patches itself). `CPU_TRANSFORMER_CONFIG` holds the `TransformerConfig` keyword values Megatron needs on
 CPU (fusions off, CPU initialisation, unbatched pipeline p2p for gloo); the model provider merges it in
@@ -38,6 +38,16 @@ Why each group exists:
    comparing `param.type()` with 'torch.cuda.FloatTensor' / 'torch.cuda.HalfTensor' /
    'torch.cuda.BFloat16Tensor' and reject anything else. Only argument-less calls made directly from a
    `megatron.core.optimizer` module get the cuda-style name; every other caller sees the true type.
+
+5. Mixture of experts. Megatron's router calls `moe_utils.te_general_gemm`, which is only defined when
+   Transformer Engine imports (the name is missing, not None, so the unfused fallback raises NameError; this
+   is true on a GPU without TE as well, so `patch_moe_without_te` is also called by the model provider). The
+   all-to-all dispatcher asks `maybe_move_tensor_to_cpu(..., as_numpy=True)` for its split sizes and gets
+   them as numpy arrays only from a CUDA tensor; a CPU tensor comes back as a tensor and the dispatcher's
+   numpy arithmetic on it fails at EP > 1. CPU tensors are converted too. Under TP (with sequence
+   parallelism) the dispatcher all-gathers and reduce-scatters token blocks of different sizes per TP rank
+   (`output_split_sizes` / `input_split_sizes` of tensor_parallel.mappings); NCCL takes uneven blocks, gloo
+   does not, so those two calls pad every block to the largest, run the even collective and trim.
 
 Not covered (they fail on CPU with or without this layer): Transformer Engine and Apex kernels, the
 fusions switched off in `CPU_TRANSFORMER_CONFIG`, `sequence_parallel=True` (torch LayerNorm refuses it
@@ -93,6 +103,9 @@ def apply_cpu_compat() -> bool:
             _patch_device_api()
             _patch_recompute_backward()
             _patch_tensor_type()
+            patch_moe_without_te()
+            _patch_moe_split_sizes()
+            _patch_uneven_sequence_parallel_collectives()
             _patched = True
     _enter_device_redirect_on_this_thread()
     return True
@@ -295,3 +308,52 @@ def _tensor_type_cuda_names_for_optimizer(
 
 def _patch_tensor_type() -> None:
     torch.Tensor.type = _tensor_type_cuda_names_for_optimizer
+
+
+def patch_moe_without_te() -> None:
+    """Define `moe_utils.te_general_gemm` as None where Transformer Engine is absent (group 5), so the router
+    takes its unfused path. Idempotent; no-op with TE."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_moe_split_sizes() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_uneven_sequence_parallel_collectives() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def padded_blocks(blocks: list[torch.Tensor], rows: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(b, (0, 0) * (b.dim() - 1) + (0, rows - b.shape[0])) for b in blocks])
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        rows = max(output_split_sizes)
+        out = gather(padded_blocks([input_], rows), group)
+        return torch.cat([block[:n] for block, n in zip(out.split(rows), output_split_sizes, strict=True)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        rows = max(input_split_sizes)
+        out = reduce_scatter(padded_blocks(list(input_.split(input_split_sizes)), rows), group)
+        return out[: input_split_sizes[group.rank()]]
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim

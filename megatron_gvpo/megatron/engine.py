@@ -20,7 +20,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_gvpo.algo import gvpo_metrics
-from megatron_gvpo.config import Config
+from megatron_gvpo.config import Config, MoEConfig
+from megatron_gvpo.data.batch import num_microbatches
 from megatron_gvpo.megatron.fp8 import check_fp8_support, fp8_pad_multiple, fp8_transformer_kwargs
 from megatron_gvpo.megatron.model import (
     build_gpt_model,
@@ -31,6 +32,7 @@ from megatron_gvpo.megatron.model import (
     transformer_config,
 )
 from megatron_gvpo.megatron.parallel import ParallelContext
+from megatron_gvpo.megatron.routing_replay import check_routing_replay_support
 from megatron_gvpo.megatron.step import (
     LogprobSpec,
     compute_sequence_logprobs,
@@ -41,7 +43,40 @@ from megatron_gvpo.megatron.step import (
 from megatron_gvpo.megatron.weights import load_hf_weights
 from megatron_gvpo.models.arch import Arch, padded_vocab_size
 
+# Megatron's tracker names for the router losses, by moe.load_balancing.
+ROUTER_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                     "global_aux_loss": "global_load_balancing_loss"}
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def router_loss_metrics(arch: Arch, moe: MoEConfig, ctx: ParallelContext, num_microbatches: int) -> dict[str, float]:
+    """The router losses of the last forward-backward pass (those with a non-zero coefficient: Megatron computes
+    only those), without their coefficients, each averaged over MoE layers and micro-batches as Megatron logs
+    them, on every rank; Megatron's tracker is then cleared for the next pass."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe import moe_utils
+
+    names = [ROUTER_LOSS_NAMES[moe.load_balancing]] if moe.aux_loss_coeff else []
+    names += ["z_loss"] if moe.z_loss_coeff else []
+    if not names:
+        return {}
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    for name in names:  # a stage without MoE layers computed none, and still joins the reduction
+        tracker.setdefault(name, {"values": torch.zeros(arch.num_layers)})
+    groups = SimpleNamespace(pp=ctx.pp_group, dp=ctx.dp_group)
+    moe_utils.reduce_aux_losses_tracker_across_ranks(names, pg_collection=groups)
+    for name in names:
+        if tracker[name].get("reduce_group") is None:
+            # Megatron logs the z-loss of each rank's own tokens; every rank reports the mean over the ranks
+            # that split the tokens (equal shares), as for the load-balancing loss.
+            for group in (ctx.tp_group, ctx.dp_cp_group):
+                dist.all_reduce(tracker[name]["values"], op=dist.ReduceOp.AVG, group=group)
+    count = sum(arch.moe_layers) * num_microbatches
+    metrics = {f"moe_{name}": float(tracker[name]["values"].sum()) / count for name in names}
+    moe_utils.clear_aux_losses_tracker()
+    return metrics
 
 
 def use_transformer_engine(impl: str) -> bool:
@@ -56,11 +91,13 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
     use_te = use_transformer_engine(cfg.model.transformer_impl)
     p = cfg.parallel
     check_attention_support(use_te=use_te, cp=p.cp, packing=cfg.train.packing)
+    if cfg.rollout.routing_replay:
+        check_routing_replay_support(packing=cfg.train.packing, cp=p.cp, pp=p.pp, recompute=cfg.train.recompute)
     check_fp8_support(cfg.model, use_te=use_te,
                       capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     config = transformer_config(
-        arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, sequence_parallel=p.sequence_parallel,
-        params_dtype=DTYPES[cfg.model.dtype], use_te=use_te,
+        arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
+        params_dtype=DTYPES[cfg.model.dtype], use_te=use_te, moe=cfg.moe, routing_replay=cfg.rollout.routing_replay,
         # Packed micro-batches differ in length: pipeline stages exchange shapes before each message.
         variable_seq_lengths=cfg.train.packing == "thd" and p.pp > 1,
         **fp8_transformer_kwargs(cfg.model),
@@ -77,7 +114,8 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
         for v in range(ctx.num_model_chunks)
     ]
     if hf_state is not None:
-        load_hf_weights(chunks, arch, hf_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, padded_vocab_size=padded)
+        load_hf_weights(chunks, arch, hf_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, padded_vocab_size=padded,
+                        etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
     if cfg.train.fused_logprobs:
         for chunk in chunks:
             return_hidden_states(chunk)
@@ -244,6 +282,9 @@ class MegatronEngine:
             values = torch.tensor([float(m[k]) for k in names], dtype=torch.float64)
         values = self._broadcast_from_last_stage(values, (len(names),), torch.float64)
         metrics = dict(zip(names, values.tolist(), strict=True))
+        if self.arch.is_moe:
+            micro = num_microbatches(batch["tokens"].shape[0], self.ctx.dp_size, self.cfg.train.micro_batch_size)
+            metrics.update(router_loss_metrics(self.arch, self.cfg.moe, self.ctx, micro))
         return StepResult(
             loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr,
             skipped=skipped, metrics=metrics,

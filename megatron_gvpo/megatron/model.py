@@ -1,5 +1,5 @@
-"""Model provider: a Megatron-Core `GPTModel` for an `Arch` (Llama, Qwen2, Qwen3, Mistral) on any TP/PP/VPP
-layout.
+"""Model provider: a Megatron-Core `GPTModel` for an `Arch` (Llama, Qwen2, Qwen3, Mistral, and the mixtures of
+experts Qwen3-MoE and Mixtral) on any TP/PP/VPP/EP layout.
 
 One function translates the architecture plus the parallel layout into Megatron's `TransformerConfig`; one
 builds the model chunk of a pipeline stage. The layer spec is Transformer Engine's when TE is importable and
@@ -12,6 +12,11 @@ outside the tensor-parallel matmuls (norms, residuals, dropout), so the activati
 are sharded too; the linears all-gather their input and reduce-scatter their output instead of all-reducing
 it (the same traffic). Every row (padded) or sequence (THD) must then be a multiple of TP tokens long
 (`token_multiple`).
+
+Mixture of experts: each MoE layer's MLP is Megatron's `MoELayer`, a top-k router (fp32 softmax, as the HF
+models compute it) and `SequentialMLP` experts split over the expert-parallel ranks, tokens moved by the
+dropless all-to-all dispatcher. Dense layers of a MoE model (Qwen3-MoE's mlp_only_layers) keep a dense MLP:
+Megatron's block spec picks each layer's MLP from `moe_layer_freq`.
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ import types
 
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_gvpo.megatron.cpu_compat import CPU_TRANSFORMER_CONFIG
+from megatron_gvpo.config import MoEConfig
+from megatron_gvpo.megatron.cpu_compat import CPU_TRANSFORMER_CONFIG, patch_moe_without_te
 from megatron_gvpo.models.arch import Arch
 
 
@@ -63,13 +69,19 @@ def transformer_config(
     pp: int = 1,
     vpp: int | None = None,
     cp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
     use_te: bool = False,
+    moe: MoEConfig | None = None,
+    routing_replay: bool = False,
     **overrides,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig for `arch` on a TP x PP (x VPP) x CP layout, with sequence parallelism
-    where asked for and TP > 1 (at TP 1 there is nothing to split it over); `overrides` win."""
+    """Megatron's TransformerConfig for `arch` on a TP x PP (x VPP) x CP (x EP x ETP for the experts) layout,
+    with sequence parallelism where asked for and TP > 1 (at TP 1 there is nothing to split it over), and the
+    router losses of `moe` and, with `routing_replay`, routers that can replay given experts
+    (`megatron_gvpo.megatron.routing_replay`); `overrides` win."""
     if use_te and not te_available():
         raise ValueError(
             "the Transformer Engine layer spec was requested but transformer_engine does not import; install it "
@@ -84,6 +96,14 @@ def transformer_config(
             f"parallel.tp={tp} must divide {what}; the tensor-parallel sizes that fit this model are "
             f"{', '.join(map(str, arch.tp_sizes))}"
         )
+    moe_kwargs = _moe_kwargs(arch, ep, tp if etp is None else etp, moe or MoEConfig())
+    if routing_replay:
+        if not arch.is_moe:
+            raise ValueError(f"rollout.routing_replay needs a mixture-of-experts model; {arch.model_type} is dense")
+        moe_kwargs["moe_enable_routing_replay"] = True
+    if arch.is_moe and tp > 1 and not sequence_parallel:
+        # Megatron's MoE layer refuses to train under TP without it (each TP rank would route every token).
+        raise ValueError(f"a mixture-of-experts model at parallel.tp={tp} needs parallel.sequence_parallel=true")
     stages = pp * (vpp or 1)
     if arch.num_layers % stages:
         raise ValueError(
@@ -116,11 +136,48 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
+        **moe_kwargs,
     )
     if not torch.cuda.is_available():
         kwargs.update(CPU_TRANSFORMER_CONFIG)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _moe_kwargs(arch: Arch, ep: int, etp: int, moe: MoEConfig) -> dict:
+    """TransformerConfig fields of the mixture of experts (checked against the layout); {} for a dense model."""
+    if not arch.is_moe:
+        if ep != 1:
+            raise ValueError(f"parallel.ep={ep} needs a mixture-of-experts model; {arch.model_type} is dense")
+        return {}
+    if ep not in arch.ep_sizes:
+        raise ValueError(f"parallel.ep={ep} must divide the {arch.num_experts} experts; the expert-parallel sizes "
+                         f"that fit this model are {', '.join(map(str, arch.ep_sizes))}")
+    if etp not in arch.expert_tp_sizes:
+        raise ValueError(f"parallel.etp={etp} (default: tp) must divide moe_intermediate_size="
+                         f"{arch.moe_ffn_hidden_size}")
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_router_topk=arch.moe_top_k,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_layer_freq=[int(m) for m in arch.moe_layers],
+        # The HF models: softmax over all experts in fp32, top-k, renormalised over the k chosen when
+        # norm_topk_prob. Top-k of the logits then a softmax over them is the same (softmax is monotone);
+        # without renormalisation it is Megatron's pre-softmax.
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        # SequentialMLP on both layer specs: its parameters (local_experts.{j}.linear_fc1/2) are what the name
+        # maps and the weight sync speak. Transformer Engine's grouped GEMM (one weight{j} per expert in one
+        # module) is faster on GPUs and the next step there.
+        moe_grouped_gemm=False,
+        moe_router_load_balancing_type=moe.load_balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coeff,
+        moe_z_loss_coeff=moe.z_loss_coeff or None,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
 
 
 def build_gpt_model(
@@ -135,7 +192,13 @@ def build_gpt_model(
     use_te: bool = False,
 ) -> GPTModel:
     """The model chunk of one (virtual) pipeline stage."""
-    if use_te:
+    if arch.is_moe:
+        patch_moe_without_te()
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm",
+                                          vp_stage=vp_stage)
+        if config.sequence_parallel and not use_te:
+            spec = dataclasses.replace(_with_sequence_parallel_norms(spec), layer_norm=SequenceParallelNorm)
+    elif use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
@@ -190,6 +253,8 @@ def _with_sequence_parallel_norms(spec):
         return SequenceParallelNorm
     if isinstance(spec, ModuleSpec):
         return dataclasses.replace(spec, submodules=_with_sequence_parallel_norms(spec.submodules))
+    if isinstance(spec, list):
+        return [_with_sequence_parallel_norms(s) for s in spec]
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return dataclasses.replace(spec, **{f.name: _with_sequence_parallel_norms(getattr(spec, f.name))
                                             for f in dataclasses.fields(spec)})

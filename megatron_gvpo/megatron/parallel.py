@@ -17,7 +17,12 @@ from megatron_gvpo.config import ParallelConfig
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Process groups and ranks of this process in a TP x CP x DP x PP layout (Megatron order tp-cp-ep-dp-pp)."""
+    """Process groups and ranks of this process in a TP x CP x DP x PP layout (Megatron order tp-cp-ep-dp-pp).
+
+    Mixture-of-experts layers lay a second grid over the tp * cp * dp ranks of each pipeline stage: expert
+    tensor parallelism (etp) x expert parallelism (ep) x expert data parallelism (edp). An expert's weights
+    are split over its etp group, held by one ep rank, and replicated over edp (where its gradients are
+    reduced)."""
 
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
@@ -36,6 +41,16 @@ class ParallelContext:
     cp_rank: int
     cp_size: int
     vpp_size: int | None
+    ep_group: dist.ProcessGroup | None = None
+    """Expert-parallel ranks: each holds its own experts of every MoE layer."""
+    etp_group: dist.ProcessGroup | None = None
+    """Expert-tensor-parallel ranks: they split each expert's MLP."""
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
+    edp_rank: int = 0
+    """Rank among the replicas of this rank's experts."""
 
     @property
     def num_model_chunks(self) -> int:
@@ -62,6 +77,8 @@ def initialize_parallel(parallel: ParallelConfig, seed: int) -> ParallelContext:
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
         context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.expert_tp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return current_context()
@@ -85,6 +102,13 @@ def current_context() -> ParallelContext:
         cp_rank=ps.get_context_parallel_rank(),
         cp_size=ps.get_context_parallel_world_size(),
         vpp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
+        edp_rank=ps.get_expert_data_parallel_rank(),
     )
 
 

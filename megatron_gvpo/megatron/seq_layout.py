@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from megatron_gvpo.data.batch import ROUTES_KEY, pad_routes
+
 PER_TOKEN_KEYS = ("tokens", "position_ids", "targets", "loss_mask", "seq_index")
 TOKEN_VALUE_KEYS = ("old_token_logp", "ref_token_logp")
 """Optional per-token values [b, s] aligned with `targets` (the policy-gradient baselines' log-probs): laid
@@ -106,6 +108,8 @@ def pad_columns(mb: dict, multiple: int) -> dict:
     out = dict(mb)
     for k in ("tokens", "targets", "loss_mask", *(k for k in TOKEN_VALUE_KEYS if k in mb)):
         out[k] = torch.nn.functional.pad(mb[k], (0, extra), value=0)
+    if ROUTES_KEY in mb:
+        out[ROUTES_KEY] = pad_routes(mb[ROUTES_KEY], s + extra)
     if "position_ids" in mb:
         b = mb["tokens"].shape[0]
         out["position_ids"] = torch.arange(s + extra).unsqueeze(0).expand(b, s + extra)
@@ -134,6 +138,8 @@ def layout_microbatch(mb: dict, layout: SequenceLayout) -> dict:
     """The model input for one micro-batch under `layout` (module docstring), with `seq_index` added;
     THD micro-batches also carry `packed_seq_params`."""
     multiple = layout.pad_multiple * (2 * layout.cp_size if layout.cp_size > 1 else 1)
+    if ROUTES_KEY in mb and (layout.packing == "thd" or layout.cp_size > 1):
+        raise ValueError("routed experts (rollout.routing_replay) are laid out for padded rows without CP only")
     if layout.packing == "thd":
         out = pack_rows(mb, multiple)
         bounds = out["cu_seqlens_padded"]

@@ -37,9 +37,10 @@ from megatron_gvpo.algo import (
     make_groups,
     num_valid_groups,
 )
-from megatron_gvpo.data.batch import split_microbatches
+from megatron_gvpo.data.batch import ROUTES_KEY, split_microbatches
 from megatron_gvpo.megatron.parallel import ParallelContext
 from megatron_gvpo.megatron.model import output_weight
+from megatron_gvpo.megatron.routing_replay import set_routes
 from megatron_gvpo.megatron.seq_layout import SequenceLayout, cp_sum, layout_microbatch
 from megatron_gvpo.ops import fused_linear_logprobs, vocab_parallel_logprobs
 
@@ -48,9 +49,11 @@ Head = Callable[[dict, "torch.Tensor | None", torch.Tensor], tuple]
 
 
 def forward_step(data_iterator, model, *, head: Head):
-    """Megatron's forward-step contract: run this chunk on the next micro-batch, bind the head to it (and,
-    on the last stage, the output weight the fused head multiplies the hidden states by)."""
+    """Megatron's forward-step contract: run this chunk on the next micro-batch (routing its tokens to the
+    rollout's experts when the micro-batch carries them), bind the head to it (and, on the last stage, the
+    output weight the fused head multiplies the hidden states by)."""
     mb = next(data_iterator)
+    set_routes(model, mb.get(ROUTES_KEY))
     output = model(mb["tokens"], mb["position_ids"], None, packed_seq_params=mb.get("packed_seq_params"))
     return output, partial(head, mb, output_weight(model))
 

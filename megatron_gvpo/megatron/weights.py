@@ -2,8 +2,10 @@
 
 A chunk's parameter names are local: `decoder.layers.{j}` counts from 0 on every pipeline stage (and every
 virtual stage). The global layer index is the layer's `layer_number - 1`, which Megatron computes from the
-layout, so the same HF checkpoint loads into any TP/PP/VPP split. Full tensors come from the name maps in
-`megatron_gvpo.models.hf_maps`, TP slices from `megatron_gvpo.models.sharding`.
+layout, so the same HF checkpoint loads into any TP/PP/VPP split. Likewise an expert's index is local to its
+expert-parallel rank (`local_experts.{j}`) and made global through the MoE layer's `local_expert_indices`.
+Full tensors come from the name maps in `megatron_gvpo.models.hf_maps`, TP (and expert-TP) slices from
+`megatron_gvpo.models.sharding`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch
 from megatron_gvpo.megatron.model import unwrap
 from megatron_gvpo.models.arch import Arch
 from megatron_gvpo.models.hf_maps import hf_to_megatron, local_spec_name
-from megatron_gvpo.models.sharding import shard
+from megatron_gvpo.models.sharding import is_expert, shard
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
 _EMBEDDING = "embedding.word_embeddings.weight"
 _OUTPUT = "output_layer.weight"
 
@@ -30,8 +33,12 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch
     for name, param in model.named_parameters():
         m = _LAYER.match(name)
         if m:
-            global_index = layers[int(m.group(1))].layer_number - 1
-            name = f"decoder.layers.{global_index}." + name[m.end():]
+            layer = layers[int(m.group(1))]
+            rest = name[m.end():]
+            e = _EXPERT.match(rest)
+            if e:
+                rest = f"mlp.experts.local_experts.{layer.mlp.local_expert_indices[int(e.group(1))]}." + rest[e.end():]
+            name = f"decoder.layers.{layer.layer_number - 1}." + rest
         yield local_spec_name(name), param
 
 
@@ -44,8 +51,11 @@ def load_hf_weights(
     tp_rank: int,
     tp_size: int,
     padded_vocab_size: int,
+    etp_rank: int | None = None,
+    etp_size: int | None = None,
 ) -> int:
-    """Copy HF tensors into this rank's model chunks; return the number of parameters loaded.
+    """Copy HF tensors into this rank's model chunks; return the number of parameters loaded. Experts are split
+    over the expert-TP ranks (`etp_*`, default: the TP ranks).
 
     Every parameter of every chunk must be covered; a shape mismatch names the parameter. With tied
     embeddings the last pipeline stage's separate output layer is filled from the embedding.
@@ -58,10 +68,11 @@ def load_hf_weights(
         source = _EMBEDDING if (tied_head and name == _OUTPUT) else name
         if source not in full:
             raise ValueError(f"no HF tensor maps to Megatron parameter {name!r} (model_type={arch.model_type})")
-        value = shard(source, full[source], tp_rank, tp_size)
+        rank, size = (tp_rank, tp_size) if not is_expert(name) or etp_size is None else (etp_rank, etp_size)
+        value = shard(source, full[source], rank, size)
         if value.shape != param.shape:
             raise ValueError(
-                f"{name}: converted HF tensor has shape {tuple(value.shape)} on TP rank {tp_rank}/{tp_size}, "
+                f"{name}: converted HF tensor has shape {tuple(value.shape)} on TP rank {rank}/{size}, "
                 f"the Megatron parameter has {tuple(param.shape)}"
             )
         param.copy_(value)

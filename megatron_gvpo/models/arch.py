@@ -21,14 +21,16 @@ MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "origin
 
 @dataclass(frozen=True)
 class Arch:
-    """A decoder-only transformer with RMSNorm, SwiGLU MLP, RoPE and grouped-query attention."""
+    """A decoder-only transformer with RMSNorm, SwiGLU MLP (or a mixture of SwiGLU experts), RoPE and
+    grouped-query attention."""
 
     model_type: str
-    """HF model_type (the registry key): 'llama', 'qwen2', 'qwen3' or 'mistral'."""
+    """HF model_type (the registry key): 'llama', 'qwen2', 'qwen3', 'mistral', 'qwen3_moe' or 'mixtral'."""
     vocab_size: int
     """Vocabulary size as in the HF checkpoint (before any padding for tensor parallelism)."""
     hidden_size: int
     ffn_hidden_size: int
+    """Width of the dense MLP (of the dense layers, in a mixture-of-experts model)."""
     num_layers: int
     num_attention_heads: int
     num_query_groups: int
@@ -46,7 +48,24 @@ class Arch:
     exceed it (checked by `check_sequence_length`)."""
     qk_norm: bool = False
     """RMSNorm over head_dim on every query and key head before RoPE (Qwen3's q_norm / k_norm)."""
+    num_experts: int = 0
+    """Routed experts per mixture-of-experts layer; 0 for a dense model. No shared experts."""
+    moe_top_k: int = 0
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: int = 0
+    """Width of each expert's SwiGLU MLP."""
+    moe_layers: tuple[bool, ...] = ()
+    """Per layer: True where the MLP is a mixture of experts, False for a dense MLP (Qwen3-MoE's
+    mlp_only_layers / decoder_sparse_step)."""
+    moe_norm_topk_prob: bool = True
+    """The top-k routing weights are renormalised to sum to 1 (softmax over the chosen experts' logits);
+    False keeps the softmax over all experts (Qwen3-MoE's norm_topk_prob)."""
+    router_aux_loss_coef: float = 0.0
+    """The checkpoint's load-balancing loss coefficient (the pretraining value; `moe.aux_loss_coeff` decides)."""
 
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
@@ -54,9 +73,19 @@ class Arch:
     @property
     def tp_sizes(self) -> list[int]:
         """The tensor-parallel sizes this model splits evenly over: the common divisors of the attention heads,
-        the key/value heads and the FFN width (the vocabulary is padded to fit any TP)."""
+        the key/value heads and the dense FFN width (the vocabulary is padded to fit any TP)."""
         common = math.gcd(self.num_attention_heads, self.num_query_groups, self.ffn_hidden_size)
-        return [d for d in range(1, common + 1) if common % d == 0]
+        return _divisors(common)
+
+    @property
+    def expert_tp_sizes(self) -> list[int]:
+        """The expert-tensor-parallel sizes: the divisors of the expert FFN width."""
+        return _divisors(self.moe_ffn_hidden_size) if self.is_moe else [1]
+
+    @property
+    def ep_sizes(self) -> list[int]:
+        """The expert-parallel sizes: the divisors of the number of experts."""
+        return _divisors(self.num_experts) if self.is_moe else [1]
 
     def check_sequence_length(self, seq_len: int) -> None:
         if self.sliding_window is not None and seq_len > self.sliding_window:
@@ -64,6 +93,10 @@ class Arch:
                 f"sequence length {seq_len} exceeds sliding_window={self.sliding_window} of this "
                 f"{self.model_type} config; sliding-window attention is not implemented"
             )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
@@ -108,6 +141,8 @@ class Family:
     qkv_bias: Callable[[Any], bool]
     sliding_window: Callable[[Any], int | None] = lambda cfg: None
     qk_norm: bool = False
+    moe: Callable[[Any], dict[str, Any]] | None = None
+    """The mixture-of-experts fields of `Arch` from the config; None for a dense family."""
 
 
 def _mistral_window(cfg: Any) -> int | None:
@@ -118,12 +153,43 @@ def _qwen2_window(cfg: Any) -> int | None:
     return _get(cfg, "sliding_window") if _get(cfg, "use_sliding_window", False) else None
 
 
+def _moe_fields(cfg: Any, num_experts: int, layers: tuple[bool, ...], norm_topk_prob: bool) -> dict[str, Any]:
+    top_k = _get(cfg, "num_experts_per_tok")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"config field num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts")
+    return dict(num_experts=num_experts, moe_top_k=top_k, moe_layers=layers, moe_norm_topk_prob=norm_topk_prob,
+                router_aux_loss_coef=float(_get(cfg, "router_aux_loss_coef", 0.0) or 0.0))
+
+
+def _qwen3_moe(cfg: Any) -> dict[str, Any]:
+    # transformers 5 saves the expert count as num_local_experts, the released configs as num_experts.
+    experts = _get(cfg, "num_experts") or _get(cfg, "num_local_experts")
+    step, dense = _get(cfg, "decoder_sparse_step", 1), set(_get(cfg, "mlp_only_layers") or ())
+    layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(_get(cfg, "num_hidden_layers")))
+    return dict(**_moe_fields(cfg, experts, layers, bool(_get(cfg, "norm_topk_prob", False))),
+                moe_ffn_hidden_size=_get(cfg, "moe_intermediate_size"))
+
+
+def _mixtral(cfg: Any) -> dict[str, Any]:
+    # Jitter multiplies the router input by noise during training: no Megatron counterpart, and not exact.
+    _reject(cfg, router_jitter_noise=0.0)
+    layers = (True,) * _get(cfg, "num_hidden_layers")
+    return dict(**_moe_fields(cfg, _get(cfg, "num_local_experts"), layers, True),
+                moe_ffn_hidden_size=_get(cfg, "intermediate_size"))
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(qkv_bias=_llama_qkv_bias),
     "qwen2": Family(qkv_bias=lambda cfg: True, sliding_window=_qwen2_window),
     "mistral": Family(qkv_bias=lambda cfg: False, sliding_window=_mistral_window),
     # Qwen3's attention_bias, like Llama's, would also put a bias on o_proj.
     "qwen3": Family(qkv_bias=_llama_qkv_bias, sliding_window=_qwen2_window, qk_norm=True),
+    # Routed experts only (no shared expert), top-k of the softmax over all experts, renormalised over the k
+    # chosen when norm_topk_prob (as Qwen3-30B-A3B and Qwen3-235B-A22B are); dense layers where mlp_only_layers
+    # or decoder_sparse_step say so.
+    "qwen3_moe": Family(qkv_bias=_llama_qkv_bias, sliding_window=_qwen2_window, qk_norm=True, moe=_qwen3_moe),
+    # Every layer a mixture, top-k always renormalised.
+    "mixtral": Family(qkv_bias=lambda cfg: False, sliding_window=_mistral_window, moe=_mixtral),
 }
 
 
@@ -156,6 +222,7 @@ def arch_from_hf(cfg: Any) -> Arch:
         max_position_embeddings=_get(cfg, "max_position_embeddings"),
         sliding_window=family.sliding_window(cfg),
         qk_norm=family.qk_norm,
+        **(family.moe(cfg) if family.moe else {}),
     )
 
 

@@ -7,8 +7,11 @@ tensor only when that tensor is read, so a converter or a pipeline stage touches
 from __future__ import annotations
 
 import ctypes
+import errno
+import io
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -108,6 +111,16 @@ def readinto_exactly(stream, target: memoryview, what: str, chunk_bytes: int = 6
         done += got
 
 
+def contiguous_blocks(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`t`'s elements in row-major order as contiguous pieces (`t` itself when it is contiguous), so that a view
+    such as one query group's rows of a fused qkv (`hf_maps.VIEWS`) is read or written without a copy."""
+    if t.is_contiguous():
+        yield t
+    else:
+        for row in t.unbind(0):  # not contiguous, so at least one dimension
+            yield from contiguous_blocks(row)
+
+
 class SafetensorsCheckpoint(Mapping):
     """Lazy name -> tensor mapping over a directory's safetensors shards (with or without an index file).
 
@@ -158,16 +171,35 @@ class SafetensorsCheckpoint(Mapping):
         """A tensor's dtype without reading it."""
         return self._entry(name)[3]
 
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape without reading it."""
+        return tuple(self._entry(name)[1]["shape"])
+
     def __getitem__(self, name: str) -> torch.Tensor:
+        out = torch.empty(self.shape_of(name), dtype=self.dtype_of(name))
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read a tensor into `out`, which holds as many elements in row-major order (it may be a view of another
+        tensor, of another shape: `hf_maps.VIEWS`). Bytes go straight from the file into `out` when the dtypes
+        agree; otherwise the tensor is read whole and converted."""
         file, entry, data_start, dtype = self._entry(name)
-        out = torch.empty(entry["shape"], dtype=dtype)
         begin, end = entry["data_offsets"]
-        if end - begin != out.nbytes:
+        numel = math.prod(entry["shape"])
+        if end - begin != numel * dtype.itemsize:
             raise ValueError(f"{file}: tensor {name!r} has {end - begin} bytes for shape {entry['shape']} {dtype}")
+        if out.numel() != numel:
+            raise ValueError(f"{file}: tensor {name!r} has shape {entry['shape']}, expected {out.numel()} elements")
+        if out.dtype != dtype:
+            stored = torch.empty(entry["shape"], dtype=dtype)
+            self.read_into(name, stored)
+            out.copy_(stored.view(out.shape))
+            return
         with open(file, "rb", buffering=0) as f:
             f.seek(data_start + begin)
-            readinto_exactly(f, tensor_bytes(out), f"{file}: tensor {name!r}")
-        return out
+            for block in contiguous_blocks(out):
+                readinto_exactly(f, tensor_bytes(block), f"{file}: tensor {name!r}")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
@@ -216,32 +248,85 @@ class SafetensorsStreamWriter:
         self._last_of = {file: shard[-1][0] for file, shard in zip(files, shards, strict=True)}
         self._next = 0
         self._stream = None
+        self._kernel_copy = hasattr(os, "copy_file_range")
         if n > 1 and single_file is None:
             index = {"metadata": {"total_size": sum(s[3] for shard in shards for s in shard)},
                      "weight_map": {name: file for name, _, _, file in self._order}}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         self.files = files
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _next_file(self, name: str, shape: tuple[int, ...] | None, numel: int, dtype: torch.dtype) -> io.FileIO:
+        """The open shard file the planned tensor `name` goes to, after checking it is the next one planned
+        (its shape, or only its number of elements where `shape` is None)."""
         if self._next >= len(self._order):
             raise ValueError(f"tensor {name!r} is not in the plan (all {len(self._order)} planned tensors written)")
-        want, shape, dtype, file = self._order[self._next]
-        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"expected {want} {shape} {dtype} next, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        want, want_shape, want_dtype, file = self._order[self._next]
+        fits = shape == want_shape if shape is not None else numel == math.prod(want_shape)
+        if name != want or not fits or dtype != want_dtype:
+            got = shape if shape is not None else f"({numel} elements)"
+            raise ValueError(f"expected {want} {want_shape} {want_dtype} next, got {name} {got} {dtype}")
         if self._stream is None:
-            self._stream = open(self.directory / file, "wb")
-            self._stream.write(self._headers[file])
-        data = tensor.detach().cpu().contiguous()
-        self._stream.write(tensor_bytes(data))
+            # Unbuffered: tensors are written in large pieces, and `write_from_files` writes to the descriptor.
+            self._stream = open(self.directory / file, "wb", buffering=0)
+            _write_all(self._stream, memoryview(self._headers[file]))
+        return self._stream
+
+    def _done(self, name: str) -> None:
         self._next += 1
-        if name == self._last_of[file]:
+        if name == self._last_of[self._order[self._next - 1][3]]:
             self._stream.close()
             self._stream = None
 
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor: `tensor` itself, or a view holding its elements in row-major order
+        (`hf_maps.VIEWS`; then only the number of elements is checked against the planned shape)."""
+        shape = None if not tensor.is_contiguous() else tuple(tensor.shape)
+        stream = self._next_file(name, shape, tensor.numel(), tensor.dtype)
+        for block in contiguous_blocks(tensor.detach().cpu()):
+            _write_all(stream, tensor_bytes(block))
+        self._done(name)
+
+    def write_from_files(self, name: str, dtype: torch.dtype, pieces: list[tuple[io.FileIO, int, int]]) -> None:
+        """Write the next planned tensor from bytes that are in files already, (file, offset, length) in order:
+        copied by the kernel (`os.copy_file_range`), without passing through this process's memory; where the
+        kernel cannot copy between the two files (another file system, an old kernel), through a 16 MiB
+        buffer."""
+        itemsize = dtype.itemsize
+        stream = self._next_file(name, None, sum(n for _, _, n in pieces) // itemsize, dtype)
+        for src, offset, length in pieces:
+            while length > 0:
+                copied = self._copy(src, stream, offset, length)
+                offset, length = offset + copied, length - copied
+        self._done(name)
+
+    def _copy(self, src: io.FileIO, dst: io.FileIO, offset: int, length: int) -> int:
+        """Copy up to `length` bytes at `offset` of `src` to `dst`'s position; returns how many were copied."""
+        if self._kernel_copy:
+            try:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), length, offset)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._kernel_copy = False  # refused for these files: read and write from now on
+            else:
+                if copied == 0:
+                    raise ValueError(f"{src.name} ends before byte {offset + length}")
+                return copied
+        chunk = os.pread(src.fileno(), min(length, 16 << 20), offset)
+        if not chunk:
+            raise ValueError(f"{src.name} ends before byte {offset + length}")
+        _write_all(dst, memoryview(chunk))
+        return len(chunk)
     def close(self) -> list[str]:
         if self._next != len(self._order):
             raise ValueError(f"only {self._next} of {len(self._order)} planned tensors were written")
         return self.files
+
+
+def _write_all(stream: io.FileIO, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += stream.write(data[done:])
 
 
 def _safetensors_header(shard) -> bytes:
@@ -257,8 +342,9 @@ def _safetensors_header(shard) -> bytes:
 
 
 def hf_weights(path: str | Path, init: str, seed: int) -> Mapping[str, torch.Tensor]:
-    """The model's HF-named tensors: the directory's safetensors ('pretrained'), or Hugging Face's own random
-    initialisation of the config under `seed` ('random': computed identically on every rank and layout)."""
+    """The model's HF-named tensors in the checkpoint layout: the directory's safetensors ('pretrained'), or
+    Hugging Face's own random initialisation of the config under `seed` ('random': computed identically on
+    every rank and layout)."""
     if init == "pretrained":
         return SafetensorsCheckpoint(path)
     import transformers
@@ -267,7 +353,12 @@ def hf_weights(path: str | Path, init: str, seed: int) -> Mapping[str, torch.Ten
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
-    return {k: v.detach().float() for k, v in model.state_dict().items()}
+    # transformers 5 keeps some tensors in memory in another layout than on disk (a MoE layer's experts fused
+    # into one tensor); the name maps speak the checkpoint's layout, which save_pretrained restores this way.
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = revert_weight_conversion(model, dict(model.state_dict()))
+    return {k: v.detach().float() for k, v in state.items()}
 
 
 def eos_token_ids(path: str | Path, tokenizer=None) -> tuple[int, ...]:

@@ -4,7 +4,8 @@ Matched by name suffix (first match wins); anything unmatched (norm weights) is 
 layers split output rows (dim 0), row-parallel layers split input columns (dim 1), the vocabulary is split
 in contiguous row blocks. `linear_fc1` of a gated MLP holds cat(gate, up): each rank owns
 cat(gate shard, up shard), so both halves are split separately. `linear_qkv` is interleaved per query group
-(see hf_maps), so a contiguous split gives each rank whole groups.
+(see hf_maps), so a contiguous split gives each rank whole groups. Experts' MLPs split like the dense MLP,
+over the expert-TP ranks (`is_expert`); the router is replicated.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ TP_SPLITS: list[tuple[str, Split]] = [
     ("linear_fc1.weight", Split(0, halves=True)),
     ("linear_fc2.weight", Split(1)),
 ]
+
+
+def is_expert(name: str) -> bool:
+    """Whether `name` is a routed expert's parameter: split over the expert-TP ranks (which may differ from
+    the TP ranks) and held by one expert-parallel rank."""
+    return ".mlp.experts." in name
 
 
 def tp_split(name: str) -> Split:

@@ -12,7 +12,10 @@ was sampled from the weights it expects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -33,6 +36,9 @@ class SamplingParams:
     """Generate max_new_tokens whatever the model says (benchmarks; fixed-length rollouts)."""
     seed: int | None = None
     """Per-request sampling seed: the same seed, prompt and weights give the same samples."""
+    return_routed_experts: bool = False
+    """Return the experts a mixture-of-experts model routed every token to (`Sample.routed_experts`), for
+    rollout routing replay (R3). Needs an engine that records them (SGLangServerConfig.return_routed_experts)."""
 
     def validate(self) -> None:
         if self.n < 1:
@@ -57,6 +63,14 @@ class Sample:
     text: str | None = None
     info: dict = field(default_factory=dict)
     """Engine-specific extras (the server that answered, latency, cached tokens, the raw finish reason)."""
+    routed_experts: torch.Tensor | None = None
+    """With `SamplingParams.return_routed_experts`: int64 [len(prompt) + len(token_ids) - 1, num_layers, top_k],
+    the top-k experts (global expert ids; in the engine kernel's order: compare them as sets) that the router
+    chose for every token the model ran on: row t is the token at position t of prompt + token_ids, so the
+    prompt's tokens first, then the generated ones except the last (never fed back). Every decoder layer has its
+    slot, in layer order (SGLang's recorder has num_hidden_layers slots; a dense layer never writes its own, which
+    stay 0).
+    None when not asked for (and possibly for an aborted sample)."""
 
     @property
     def complete(self) -> bool:

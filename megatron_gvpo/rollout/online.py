@@ -81,6 +81,10 @@ class RolloutConfig:
     """What a truncated sample does: 'keep' its reward as scored, 'zero' it (a cut answer earns nothing, whatever
     it contains), or 'drop_group' (leave its whole group out of training, like a failed reward). Counted in the
     metrics (truncated_samples, truncated_dropped_groups) either way."""
+    routing_replay: bool = False
+    """Rollout routing replay (R3) for mixture-of-experts models: the servers return the experts they routed
+    every token to, and every trainer forward on those samples routes them to the same experts
+    (megatron_gvpo/megatron/routing_replay.py)."""
     weight_sync: Literal["disk", "tensor", "distributed"] = "distributed"
     """How trained weights reach the servers (megatron_gvpo/rollout/weight_sync.py): 'disk' (safetensors in
     <run.dir>/rollout_weights; needs a file system shared with the servers), 'tensor' (shared memory; servers on
@@ -131,6 +135,9 @@ class RolloutConfig:
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: {url!r} must start with http:// or https://")
+        if self.routing_replay and self.source == "offline":
+            raise ValueError("rollout.routing_replay replays the servers' routing: it needs rollout.source 'online' "
+                             "or 'mix'")
 
 
 def _broadcast(obj, src: int = 0):
@@ -225,7 +232,7 @@ class OnlineSource:
                     custom_logit_processor=r.seeded and not torch.cuda.is_available(),
                     weight_version=self.version, max_total_tokens=budget.max_total_tokens,
                     max_running_requests=budget.max_running_requests, startup_timeout_s=r.startup_timeout_s,
-                    log_path=str(logs / f"sglang_{i}.log")))
+                    return_routed_experts=r.routing_replay, log_path=str(logs / f"sglang_{i}.log")))
                 self.servers.append(server.start())
                 urls.append(server.url)
         self._new_client(urls)
@@ -234,7 +241,9 @@ class OnlineSource:
     def _new_client(self, urls: list[str]) -> None:
         from megatron_gvpo.rollout.sglang import SGLangClient
 
-        self.client = SGLangClient(urls, timeout_s=self.r.request_timeout_s, retries=self.r.retries)
+        shape = (self.arch.num_layers, self.arch.moe_top_k) if self.r.routing_replay else None
+        self.client = SGLangClient(urls, timeout_s=self.r.request_timeout_s, retries=self.r.retries,
+                                   routed_experts_shape=shape)
 
     def _connect(self) -> None:
         """Collective: the distributed weight sync's process groups with the current servers (a fresh name after
@@ -346,7 +355,7 @@ class OnlineSource:
         t0 = time.perf_counter()
         sampling = SamplingParams(n=self.cfg.algo.group_size, temperature=self.r.temperature, top_p=self.r.top_p,
                                   max_new_tokens=self.r.max_new_tokens, stop_token_ids=self.stop_token_ids,
-                                  seed=self._seed(0))
+                                  seed=self._seed(0), return_routed_experts=self.r.routing_replay)
         groups, samples, result, t_rollout = self._sample_and_score(prompts, sampling)
         k = sampling.n
         aborted = {i // k for i, (_, x) in enumerate(samples) if x.finish_reason == "abort"}
@@ -354,7 +363,8 @@ class OnlineSource:
         cut = treat_truncated(result.rewards, truncated, k, self.r.on_truncated)
         dropped = aborted | cut | {i // k for i, keep in enumerate(result.keep) if not keep}
         scored = [Group(tuple(p.ids), tuple(tuple(x.token_ids) for x in g), tuple(result.rewards[i * k:(i + 1) * k]),
-                        p.source) for i, (p, g) in enumerate(zip(prompts, groups, strict=True))]
+                        p.source, self._routes(len(p.ids), g) if self.r.routing_replay else None)
+                  for i, (p, g) in enumerate(zip(prompts, groups, strict=True))]
         rewards = torch.tensor(result.rewards)
         correct = (rewards >= self.r.correct_reward).float()
         by_group = rewards.view(-1, k)
@@ -369,7 +379,24 @@ class OnlineSource:
             "time_rollout_s": t_rollout, "time_reward_s": time.perf_counter() - t0 - t_rollout,
             **result.metrics(),
         }
+        if self.r.routing_replay:  # positions whose experts the trainer will replay
+            metrics["routed_positions"] = sum(x.routed_experts.shape[0] for _, x in samples
+                                              if x.routed_experts is not None)
         return scored, dropped, metrics
+
+    def _routes(self, prompt_len: int, samples) -> tuple[torch.Tensor, ...]:
+        """Each sample's routed experts at the MoE layers (SGLang has a slot for every layer), as `collate` takes
+        them. An aborted sample may come without (its group is dropped anyway): unrouted experts stand in."""
+        from megatron_gvpo.data.batch import unrouted
+
+        moe = [i for i, is_moe in enumerate(self.arch.moe_layers) if is_moe]
+
+        def routes(x) -> torch.Tensor:
+            if x.routed_experts is None:
+                return unrouted(1, prompt_len + len(x.token_ids) - 1, len(moe), self.arch.moe_top_k)[0]
+            return x.routed_experts[:, moe]
+
+        return tuple(routes(x).to(torch.int16) for x in samples)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

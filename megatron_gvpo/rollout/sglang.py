@@ -14,7 +14,11 @@ on the same machine then runs out of.
 `SGLangClient` sends grouped sampling requests (token ids in, token ids and log-probs out) to one or more
 servers, spreads prompts over them, retries a request on another server when one is unreachable, and turns
 every answer into `Sample`s with SGLang's finish reason ('stop' / 'length' / 'abort'); a malformed answer or a
-deadline is a `RolloutError`, never a silently short batch.
+deadline is a `RolloutError`, never a silently short batch. Asked for (`SamplingParams.return_routed_experts`,
+servers with `SGLangServerConfig.return_routed_experts`), each sample carries the experts a mixture-of-experts
+model routed its tokens to (`Sample.routed_experts`): SGLang sends them as base64 of a flat int32 buffer,
+[len(prompt) + len(output) - 1, num_hidden_layers, num_experts_per_tok] in C order, which the client shapes with
+the model's `routed_experts_shape`.
 
 Reproducible sampling. `SamplingParams.seed` sends the group of a prompt as n requests with seeds
 seed + (prompt index * n + j): distinct samples, reproducible for the same prompts, seed and weights (SGLang's
@@ -71,6 +75,10 @@ class SGLangServerConfig:
     """--enable-custom-logit-processor --disable-overlap-schedule, for seeded sampling where deterministic
     inference is unavailable (megatron_gvpo/rollout/seeded.py; with overlap scheduling a request's output_ids
     lag one token behind the token being sampled). Lets clients run code on the server: trusted networks only."""
+    return_routed_experts: bool = False
+    """--enable-return-routed-experts: the server records which experts a mixture-of-experts model routes every
+    token to, and returns them to requests that ask (`SamplingParams.return_routed_experts`), for rollout routing
+    replay. Costs a host buffer of max_total_tokens x layers x top_k int32."""
     mem_fraction_static: float | None = None
     max_total_tokens: int | None = None
     """--max-total-tokens: KV-cache tokens (`server_budget` derives one from a run); None: SGLang sizes the cache
@@ -303,6 +311,10 @@ class SGLangServer(SupervisedProcess):
         self.cfg = cfg
         super().__init__(cfg.host, cfg.port, cfg.log_path, cfg.startup_timeout_s)
 
+    def start(self, attempts: int = 3):
+        check_servable(self.cfg.model_path)
+        return super().start(attempts)
+
     def command(self) -> list[str]:
         c = self.cfg
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path, "--host", c.host,
@@ -312,6 +324,8 @@ class SGLangServer(SupervisedProcess):
             cmd += ["--enable-deterministic-inference"]
         if c.custom_logit_processor:
             cmd += ["--enable-custom-logit-processor", "--disable-overlap-schedule"]
+        if c.return_routed_experts:
+            cmd += ["--enable-return-routed-experts"]
         if c.mem_fraction_static is not None:
             cmd += ["--mem-fraction-static", str(c.mem_fraction_static)]
         if c.max_total_tokens is not None:
@@ -355,6 +369,22 @@ class SGLangServer(SupervisedProcess):
         return env
 
 
+def check_servable(model_path: str) -> None:
+    """Refuse a local model that SGLang 0.5.23 would load without an error but serve wrong: its Qwen3-MoE
+    (models/qwen3_moe.py) builds every layer as a mixture of experts, ignoring `mlp_only_layers` and
+    `decoder_sparse_step`, so a dense layer's MLP weights are dropped and the layer runs experts that were never
+    loaded. (Hub names and remote paths are not read.)"""
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") == "qwen3_moe" and (config.get("mlp_only_layers") or
+                                                    config.get("decoder_sparse_step", 1) != 1):
+        raise ValueError(f"{model_path}: SGLang serves Qwen3-MoE with every layer a mixture of experts; this model "
+                         f"has dense layers (mlp_only_layers={config.get('mlp_only_layers')}, decoder_sparse_step="
+                         f"{config.get('decoder_sparse_step', 1)}), which SGLang would run wrongly")
+
+
 def _prepend_path(env: dict[str, str], path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path), env.get("PYTHONPATH", "")) if p)
 
@@ -379,18 +409,43 @@ def health(url: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
+def _routed_experts(encoded: str | None, tokens: int, shape: tuple[int, int], url: str):
+    """SGLang's meta_info.routed_experts (base64 of int32 [tokens, layers, top_k], C order) as an int64 tensor."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    if encoded is None:
+        raise RolloutError(f"{url} returned no routed experts: start it with --enable-return-routed-experts "
+                           "(SGLangServerConfig.return_routed_experts), on a mixture-of-experts model")
+    flat = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+    layers, top_k = shape
+    if flat.size != tokens * layers * top_k:
+        raise RolloutError(f"{url} returned {flat.size} routed expert ids, expected {tokens} tokens x {layers} layers "
+                           f"x top-{top_k} (is routed_experts_shape the served model's?)")
+    return torch.from_numpy(flat.astype(np.int64)).view(tokens, layers, top_k)
+
+
 class SGLangClient:
     """Grouped sampling against SGLang servers (module docstring)."""
 
-    def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 2):
+    def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 2,
+                 routed_experts_shape: tuple[int, int] | None = None):
+        """`routed_experts_shape`: (num_hidden_layers, num_experts_per_tok) of the served mixture-of-experts model,
+        needed for `SamplingParams.return_routed_experts` (SGLang sends the routed experts without their shape)."""
         if not urls:
             raise ValueError("SGLangClient needs at least one server URL")
         self.urls, self.timeout_s, self.retries = list(urls), timeout_s, retries
+        self.routed_experts_shape = routed_experts_shape
         self._seed_modes: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
         sampling.validate()
+        if sampling.return_routed_experts and self.routed_experts_shape is None:
+            raise ValueError("return_routed_experts needs the model's (num_hidden_layers, num_experts_per_tok): "
+                             "pass SGLangClient(routed_experts_shape=...)")
         for i, p in enumerate(prompts):
             if not p or not all(isinstance(t, int) and t >= 0 for t in p):
                 raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p[:8]!r}...")
@@ -420,7 +475,9 @@ class SGLangClient:
                     raise RolloutError(f"rollout request to {url} timed out after {self.timeout_s:.0f} s") from e
                 last = f"{url}: {e!r}"
                 continue
-            return self._parse(answer, indices, sampling.n, url, logprobs=seed_mode != "processor")
+            routed_shape = self.routed_experts_shape if sampling.return_routed_experts else None
+            return self._parse(answer, indices, sampling.n, url, logprobs=seed_mode != "processor",
+                               prompts=prompts, routed_shape=routed_shape)
         raise RolloutError(f"rollout request failed on every server ({self.retries + 1} attempts): {last}")
 
     @staticmethod
@@ -428,11 +485,12 @@ class SGLangClient:
         params = {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                   "max_new_tokens": s.max_new_tokens, "stop": list(s.stop), "stop_token_ids": list(s.stop_token_ids),
                   "ignore_eos": s.ignore_eos}
+        extra = {"return_routed_experts": True} if s.return_routed_experts else {}
         if seed_mode is None:
-            return {"input_ids": prompts, "sampling_params": {**params, "n": s.n}, "return_logprob": True}
+            return {"input_ids": prompts, "sampling_params": {**params, "n": s.n}, "return_logprob": True, **extra}
         # One request per sample, each with its own seed (see the module docstring).
         seeds = [s.seed + i * s.n + j for i in indices for j in range(s.n)]
-        payload = {"input_ids": [p for p in prompts for _ in range(s.n)], "return_logprob": True}
+        payload = {"input_ids": [p for p in prompts for _ in range(s.n)], "return_logprob": True, **extra}
         if seed_mode == "native":
             payload["sampling_params"] = [{**params, "sampling_seed": seed} for seed in seeds]
         elif s.temperature == 0:
@@ -449,7 +507,8 @@ class SGLangClient:
         return payload
 
     @staticmethod
-    def _parse(answer, indices: list[int], n: int, url: str, logprobs: bool = True) -> dict[int, list[Sample]]:
+    def _parse(answer, indices: list[int], n: int, url: str, logprobs: bool = True, prompts: list[list[int]] = (),
+               routed_shape: tuple[int, int] | None = None) -> dict[int, list[Sample]]:
         outputs = answer if isinstance(answer, list) else [answer]
         if len(outputs) != len(indices) * n:
             raise RolloutError(f"{url} returned {len(outputs)} samples for {len(indices)} prompts x n={n}")
@@ -469,10 +528,15 @@ class SGLangClient:
                 raise RolloutError(f"{url} returned {len(token_logprobs)} log-probs for {len(token_ids)} tokens")
             if not logprobs:  # of the seeded sampler's rewritten logits, not the policy's (rollout/seeded.py)
                 token_logprobs = [float("nan")] * len(token_ids)
+            routed = None
+            # An aborted request may end before SGLang collects its experts; it is not trained on either way.
+            if routed_shape is not None and not (kind == "abort" and meta.get("routed_experts") is None):
+                routed = _routed_experts(meta.get("routed_experts"), len(prompts[k // n]) + len(token_ids) - 1,
+                                         routed_shape, url)
             prompt = indices[k // n]
             groups.setdefault(prompt, []).append(Sample(
                 prompt_index=prompt, token_ids=token_ids, logprobs=token_logprobs, finish_reason=kind,
-                weight_version=meta.get("weight_version"), text=out.get("text"),
+                weight_version=meta.get("weight_version"), text=out.get("text"), routed_experts=routed,
                 info={"server": url, "finish_reason": reason, "e2e_latency": meta.get("e2e_latency"),
                       "cached_tokens": meta.get("cached_tokens")},
             ))

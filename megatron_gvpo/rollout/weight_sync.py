@@ -5,7 +5,10 @@ model chunks it gathers the TP shards (an all-gather over the TP group: every TP
 full Megatron tensor (`models.sharding.unshard`) and turns it into HF tensors with the converter's name maps
 (`models.hf_maps.megatron_to_hf`), yielding them on TP rank 0 of each pipeline stage. Pipeline stages hold
 different layers, so each stage contributes its own tensors; DP replicas hold the same ones and only DP rank 0
-sends.
+sends. A mixture of experts' routed experts are split over the expert-parallel ranks, which Megatron carves out
+of the data-parallel ones: each expert is gathered over its expert-TP group and then, local expert j of every
+EP rank together, over the EP group (the ranks of expert-data-parallel rank 0 take part), and the sender yields
+all of them.
 
 Methods:
 - disk (`sync_weights_from_disk`): every sending rank streams its stage's tensors into one safetensors file
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import urllib.parse
 from collections.abc import Iterator
@@ -39,28 +43,39 @@ from megatron_gvpo.megatron.weights import global_named_parameters
 from megatron_gvpo.models.arch import Arch
 from megatron_gvpo.models.hf_io import SafetensorsStreamWriter, copy_hf_assets
 from megatron_gvpo.models.hf_maps import megatron_to_hf
-from megatron_gvpo.models.sharding import tp_split, unshard
+from megatron_gvpo.models.sharding import is_expert, tp_split, unshard
 from megatron_gvpo.rollout.base import RolloutError
+
+_EXPERT_INDEX = re.compile(r"(\.local_experts\.)(\d+)\.")
 
 
 def _parameters(chunks: list) -> list[tuple[str, torch.Tensor]]:
     return [(name, p) for chunk in chunks for name, p in global_named_parameters(chunk)]
 
 
-def _full_shape(name: str, local: torch.Size, tp_size: int) -> tuple[int, ...]:
+def _full_shape(name: str, local: torch.Size, ctx: ParallelContext) -> tuple[int, ...]:
     dim = tp_split(name).dim
     shape = list(local)
     if dim is not None:
-        shape[dim] *= tp_size
+        shape[dim] *= ctx.etp_size if is_expert(name) else ctx.tp_size
     return tuple(shape)
+
+
+def _expert_names(name: str, arch: Arch, ctx: ParallelContext) -> list[str]:
+    """The global names of local expert `name` on every EP rank, in EP rank order (this rank's index is
+    ep_rank * local experts + j)."""
+    local = arch.num_experts // ctx.ep_size
+    j = int(_EXPERT_INDEX.search(name).group(2)) - ctx.ep_rank * local
+    return [_EXPERT_INDEX.sub(lambda m: f"{m.group(1)}{r * local + j}.", name) for r in range(ctx.ep_size)]
 
 
 def hf_plan(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, dtype: torch.dtype):
     """[(HF name, shape, dtype)] of what `hf_tensors` yields on this rank, from meta tensors (no data)."""
     plan = []
     for name, p in _parameters(chunks):  # the order in which hf_tensors yields them
-        meta = torch.empty(_full_shape(name, p.shape, ctx.tp_size), dtype=p.dtype, device="meta")
-        plan += [(n, tuple(t.shape), dtype) for n, t in _hf_from_full(arch, {name: meta}, padded_vocab)]
+        meta = torch.empty(_full_shape(name, p.shape, ctx), dtype=p.dtype, device="meta")
+        for full_name in _expert_names(name, arch, ctx) if is_expert(name) else [name]:
+            plan += [(n, tuple(t.shape), dtype) for n, t in _hf_from_full(arch, {full_name: meta}, padded_vocab)]
     return plan
 
 
@@ -72,22 +87,39 @@ def _hf_from_full(arch: Arch, full: dict[str, torch.Tensor], padded_vocab: int) 
 @torch.no_grad()
 def hf_tensors(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int,
                dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named full tensors of this rank's pipeline stage (module docstring); collective over TP."""
+    """HF-named full tensors of this rank's pipeline stage (module docstring), yielded on the sender; collective
+    over TP (and over expert TP and EP for the experts): every rank with `_takes_part` must drain it."""
     for name, param in _parameters(chunks):
         local = param.detach().contiguous()
-        if ctx.tp_size > 1:
-            shards = [torch.empty_like(local) for _ in range(ctx.tp_size)]
-            dist.all_gather(shards, local, group=ctx.tp_group)
+        if not is_expert(name):
+            if ctx.dp_rank != 0:
+                continue
+            full = {name: unshard(name, _all_gather(local, ctx.tp_group, ctx.tp_size))}
         else:
-            shards = [local]
-        if ctx.tp_rank != 0:
+            whole = unshard(name, _all_gather(local, ctx.etp_group, ctx.etp_size))
+            full = dict(zip(_expert_names(name, arch, ctx), _all_gather(whole, ctx.ep_group, ctx.ep_size), strict=True))
+        if not _sender(ctx):
             continue
-        for hf_name, tensor in _hf_from_full(arch, {name: unshard(name, shards)}, padded_vocab):
+        for hf_name, tensor in _hf_from_full(arch, full, padded_vocab):
             yield hf_name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _all_gather(t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
+    if size == 1:
+        return [t]
+    out = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(out, t, group=group)
+    return out
 
 
 def _sender(ctx: ParallelContext) -> bool:
     return ctx.tp_rank == 0 and ctx.dp_rank == 0
+
+
+def _takes_part(ctx: ParallelContext) -> bool:
+    """The ranks that gather a stage's tensors: data-parallel rank 0 (every TP rank of it) and, for the
+    experts, expert-data-parallel rank 0 (every expert-TP and EP rank of it)."""
+    return ctx.dp_rank == 0 or ctx.edp_rank == 0
 
 
 def write_hf_checkpoint(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, directory: str | Path,
@@ -101,7 +133,7 @@ def write_hf_checkpoint(chunks: list, arch: Arch, ctx: ParallelContext, padded_v
     dist.barrier()
     file = f"model-stage{ctx.pp_rank:03d}.safetensors"
     plan = hf_plan(chunks, arch, ctx, padded_vocab, dtype) if _sender(ctx) else []
-    if ctx.dp_rank == 0:
+    if _takes_part(ctx):
         writer = SafetensorsStreamWriter(directory, plan, max_shard_bytes=0, single_file=file) if plan else None
         for name, tensor in hf_tensors(chunks, arch, ctx, padded_vocab, dtype):  # yields on the sender only
             writer.write(name, tensor)
@@ -242,7 +274,7 @@ def sync_weights_from_tensor(chunks: list, arch: Arch, ctx: ParallelContext, pad
 
     with _weight_update_session(urls, version, timeout_s):
         error = None
-        if ctx.dp_rank == 0:
+        if _takes_part(ctx):
             server_tp, error = _server_tps(urls, timeout_s) if _sender(ctx) else ([], None)
             for bucket, last in _buckets(hf_tensors(chunks, arch, ctx, padded_vocab, dtype), bucket_bytes):
                 error = error or post(bucket, last)  # TP peers keep draining hf_tensors: it is a collective
@@ -276,7 +308,7 @@ class DistributedWeightSync:
         """Collective: `work()` on the sender of each pipeline stage in turn; errors raise on every rank."""
         for stage in range(self.ctx.pp_size):
             error = None
-            if self.ctx.pp_rank == stage and self.ctx.dp_rank == 0:
+            if self.ctx.pp_rank == stage and _takes_part(self.ctx):
                 try:
                     error = work()
                 except Exception as e:  # noqa: BLE001 - raised on every rank, not just here
