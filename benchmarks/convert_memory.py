@@ -168,6 +168,7 @@ class AnonSampler:
 
 def run_task(task: str, src: str, dst: str) -> int:
     from megatron_gvpo.megatron import convert
+    from megatron_gvpo.utils.files import fsync_tree
 
     shutil.rmtree(dst, ignore_errors=True)
     if task == "import":
@@ -186,7 +187,7 @@ def run_task(task: str, src: str, dst: str) -> int:
             del tensors
         # The converter flushes its output to the disk before publishing it (convert.atomic_output_dir); a
         # baseline that left its bytes in the page cache would be measured doing less.
-        convert._fsync_tree(Path(dst))
+        fsync_tree(dst)
         return nbytes
 
 

@@ -228,9 +228,9 @@ class ParallelConfig:
         return self.tp if self.etp is None else self.etp
 
     def validate(self) -> None:
-        for name in ("tp", "pp", "cp", "ep", "expert_tp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name.replace('expert_tp', 'etp')} must be >= 1, got {getattr(self, name)}")
+        for name, size in (("tp", self.tp), ("pp", self.pp), ("cp", self.cp), ("ep", self.ep), ("etp", self.expert_tp)):
+            if size < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {size}")
         if self.vpp is not None and (self.vpp < 1 or self.pp < 2):
             raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got {self.pp}) and vpp >= 1")
         if self.world_size is not None:

@@ -267,7 +267,7 @@ def test_moe_gradient_equals_hf_reference_under_expert_parallelism(gloo, model_t
                              etp=etp)
 
 
-def hf_router_losses(model, tokens, aux_coeff, z_coeff):
+def hf_router_losses(model, tokens):
     """[MoE layers] load-balancing and z-losses from transformers' router logits, by their definitions
     (Switch / GShard: E / (k T^2) * sum_e P_e N_e with P_e the summed softmax probability of expert e over
     the T tokens and N_e the tokens routed to it; ST-MoE: the mean of logsumexp(logits)^2)."""
@@ -310,8 +310,7 @@ def test_router_losses_are_added_and_logged_as_megatron_does(gloo, model_type, d
     token_logp = torch.log_softmax(logits, -1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
     gvpo = gvpo_loss(sequence_logprob(token_logp, batch["loss_mask"]), batch["ref_seq_logp"], batch["rewards"],
                      batch["group_ids"], BETA)
-    per_rank = [hf_router_losses(model, rows, moe.aux_loss_coeff, moe.z_loss_coeff)
-                for rows in batch["tokens"].chunk(dp)]
+    per_rank = [hf_router_losses(model, rows) for rows in batch["tokens"].chunk(dp)]
     aux = torch.stack([a for a, _ in per_rank]).mean(0)  # [layers], averaged over DP ranks
     z = torch.stack([z for _, z in per_rank]).mean(0)
     (gvpo + moe.aux_loss_coeff * aux.sum() + moe.z_loss_coeff * z.sum()).backward()

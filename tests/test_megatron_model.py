@@ -109,6 +109,26 @@ def test_name_maps_round_trip(model_type, tied):
         assert torch.equal(back[name], hf[name]), name
 
 
+def tiny_megatron_model(model_type: str, tied: bool, ctx, load_hf: bool = True, **config_kwargs):
+    """(HF model, arch, padded vocabulary, this rank's single-chunk Megatron model of it) at `ctx`'s layout,
+    with the HF weights loaded unless `load_hf` is False. A mixture of experts gets sequence parallelism (which
+    it needs under TP); `config_kwargs` go to `transformer_config`."""
+    from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
+    from megatron_gvpo.megatron.weights import load_hf_weights
+
+    hf_model = tiny_hf_model(model_type, tied)
+    arch = arch_from_hf(hf_model.config)
+    padded = padded_vocab_size(arch.vocab_size, ctx.tp_size)
+    config = transformer_config(arch, tp=ctx.tp_size, pp=ctx.pp_size, ep=ctx.ep_size, etp=ctx.etp_size,
+                                sequence_parallel=arch.is_moe, **config_kwargs)
+    model = build_gpt_model(arch, config, padded_vocab_size=padded, max_sequence_length=64,
+                            pre_process=ctx.is_first_stage(), post_process=ctx.is_last_stage())
+    if load_hf:
+        load_hf_weights([model], arch, saved_tensors(hf_model), tp_rank=ctx.tp_rank, tp_size=ctx.tp_size,
+                        padded_vocab_size=padded, etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
+    return hf_model, arch, padded, model
+
+
 def megatron_logits_run(model_type, tied, tp, pp, megatron_checkpoint=None, ep=1, etp=None, dispatcher="alltoall"):
     """On every rank: build this stage's chunk, load HF weights (or the weights of a Megatron checkpoint made
     from them), run forward (through the pipeline schedule when PP > 1), gather the vocab-parallel logits on
@@ -120,27 +140,16 @@ def megatron_logits_run(model_type, tied, tp, pp, megatron_checkpoint=None, ep=1
     from megatron_gvpo.config import MoEConfig, ParallelConfig
     from megatron_gvpo.megatron.checkpoint import load_model_weights
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_gvpo.megatron.weights import load_hf_weights
 
     apply_cpu_compat()
     ctx = initialize_parallel(ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp), seed=123)
     try:
-        hf_model = tiny_hf_model(model_type, tied)
-        arch = arch_from_hf(hf_model.config)
-        padded = padded_vocab_size(arch.vocab_size, tp)
-        config = transformer_config(arch, tp=tp, pp=pp, ep=ep, etp=etp, sequence_parallel=arch.is_moe,
-                                    moe=MoEConfig(token_dispatcher=dispatcher))
-        model = build_gpt_model(
-            arch, config, padded_vocab_size=padded, max_sequence_length=64,
-            pre_process=ctx.is_first_stage(), post_process=ctx.is_last_stage(),
-        ).eval()
+        hf_model, arch, _, model = tiny_megatron_model(model_type, tied, ctx, load_hf=megatron_checkpoint is None,
+                                                       moe=MoEConfig(token_dispatcher=dispatcher))
+        model.eval()
         if megatron_checkpoint is not None:
             load_model_weights([model], megatron_checkpoint)
-        else:
-            load_hf_weights([model], arch, saved_tensors(hf_model), tp_rank=ctx.tp_rank, tp_size=tp,
-                            padded_vocab_size=padded, etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
 
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
         pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
@@ -290,22 +299,13 @@ def write_hf_run(model_type, tp, ep, etp, pp, assets, out):
     them back as an HF checkpoint with the weight sync's writer (a collective)."""
     from megatron_gvpo.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_gvpo.megatron.weights import load_hf_weights
     from megatron_gvpo.rollout.weight_sync import write_hf_checkpoint
 
     apply_cpu_compat()
     ctx = initialize_parallel(ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp), seed=0)
     try:
-        hf_model = tiny_hf_model(model_type, False)
-        arch = arch_from_hf(hf_model.config)
-        padded = padded_vocab_size(arch.vocab_size, tp)
-        config = transformer_config(arch, tp=tp, pp=pp, ep=ep, etp=etp, sequence_parallel=tp > 1)
-        model = build_gpt_model(arch, config, padded_vocab_size=padded, max_sequence_length=64,
-                                pre_process=ctx.is_first_stage(), post_process=ctx.is_last_stage())
-        load_hf_weights([model], arch, saved_tensors(hf_model), tp_rank=ctx.tp_rank, tp_size=tp,
-                        padded_vocab_size=padded, etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
+        _, arch, padded, model = tiny_megatron_model(model_type, False, ctx)
         write_hf_checkpoint([model], arch, ctx, padded, out, assets)
     finally:
         destroy_parallel()

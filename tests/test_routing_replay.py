@@ -14,7 +14,7 @@ from megatron_gvpo.algo import gvpo_loss, sequence_logprob
 from megatron_gvpo.models.arch import arch_from_hf
 from megatron_gvpo.models.hf_maps import hf_to_megatron
 from tests.test_gvpo_megatron import BETA, SEQ, assert_matches_reference, make_batch, run_on_megatron
-from tests.test_megatron_model import saved_tensors, tiny_hf_model
+from tests.test_megatron_model import saved_tensors, tiny_hf_model, tiny_megatron_model
 
 
 def random_routes(rows: int, tokens: int, layers: int, experts: int, top_k: int, seed: int = 11) -> torch.Tensor:
@@ -60,24 +60,15 @@ def replay_logits_run(model_type, tp, ep, pp, routes):
 
     from megatron_gvpo.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
-    from megatron_gvpo.megatron.routing_replay import record_routes, recorded_routes
+    from megatron_gvpo.megatron.routing_replay import moe_routers, record_routes, recorded_routes
     from megatron_gvpo.megatron.step import forward_step
-    from megatron_gvpo.megatron.weights import load_hf_weights
-    from megatron_gvpo.models.arch import padded_vocab_size
 
     apply_cpu_compat()
     ctx = initialize_parallel(ParallelConfig(tp=tp, pp=pp, ep=ep), seed=0)
     try:
-        hf_model = tiny_hf_model(model_type, False)
-        arch = arch_from_hf(hf_model.config)
-        padded = padded_vocab_size(arch.vocab_size, tp)
-        config = transformer_config(arch, tp=tp, pp=pp, ep=ep, sequence_parallel=tp > 1, routing_replay=True)
-        model = build_gpt_model(arch, config, padded_vocab_size=padded, max_sequence_length=64,
-                                pre_process=ctx.is_first_stage(), post_process=ctx.is_last_stage()).eval()
-        load_hf_weights([model], arch, saved_tensors(hf_model), tp_rank=ctx.tp_rank, tp_size=tp,
-                        padded_vocab_size=padded, etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
+        _, arch, _, model = tiny_megatron_model(model_type, False, ctx, routing_replay=True)
+        model.eval()
         b, s = routes.shape[:2]
         tokens = torch.randint(0, arch.vocab_size, (b, s), generator=torch.Generator().manual_seed(7))
         mb = {"tokens": tokens, "position_ids": torch.arange(s).expand(b, s)}
@@ -102,22 +93,17 @@ def replay_logits_run(model_type, tp, ep, pp, routes):
 
         record_routes(model, True)
         own = logits()
-        # This rank's recorded [tokens, k] per MoE layer of its stage, [s(/tp), b] order: back to [b, s, ., k].
-        recorded = recorded_routes(model)
-        record_routes(model, False)
-        gathered = []
-        for r in recorded:
+        # This stage's recorded [tokens, k] per MoE layer, [s(/tp), b] order, back to [b, s, k] in the given
+        # routes' place of that layer.
+        stage_routes = routes.clone()
+        for (layer, _), r in zip(moe_routers(model), recorded_routes(model), strict=True):
             r = r.reshape(-1, b, r.shape[-1])
             if tp > 1:  # sequence parallelism: each TP rank routed its slice of the sequence
                 parts = [torch.empty_like(r) for _ in range(tp)]
                 dist.all_gather(parts, r.contiguous(), group=ctx.tp_group)
                 r = torch.cat(parts)
-            gathered.append(r.transpose(0, 1))
-        stage_routes = routes.clone()
-        first = sum(arch.moe_layers[: next(i for i in range(arch.num_layers)
-                                           if (i * pp) // arch.num_layers == ctx.pp_rank)])
-        for j, r in enumerate(gathered):  # the recorded layers of this stage replace the given ones
-            stage_routes[:, :, first + j] = r
+            stage_routes[:, :, layer] = r.transpose(0, 1)
+        record_routes(model, False)
         replayed_own = logits(stage_routes)
         replayed = logits(routes)
         return None if own is None else (tokens, own, replayed_own, replayed)

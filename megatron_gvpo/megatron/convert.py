@@ -64,6 +64,7 @@ from megatron_gvpo.models.hf_io import (
     tensor_bytes,
 )
 from megatron_gvpo.models.hf_maps import TRANSFORMS, expected_hf_names, hf_views, megatron_to_hf, rules
+from megatron_gvpo.utils.files import fsync_tree
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -106,8 +107,10 @@ def release_free_memory() -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
-    """Yield `<out>.tmp` to write into; on success its files reach the disk (`_fsync_tree`) and it replaces
-    `out`, on failure it is removed."""
+    """Yield `<out>.tmp` to write into; on success its files reach the disk and it replaces `out`, on failure
+    it is removed. The flush comes before the rename that publishes the output, which must not reach the disk
+    before its contents (after a power cut, a complete-looking directory of missing bytes); once at the end
+    rather than per file as written, so the writes themselves run at page-cache speed."""
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"output directory {out} exists; pass --force to replace it")
@@ -120,7 +123,7 @@ def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if out.exists():
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -129,24 +132,6 @@ def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file of `directory`, then the directory, to the disk: the rename that publishes the output
-    must not reach the disk before its contents (after a power cut, a complete-looking directory of missing
-    bytes). Once at the end rather than per file as written: the writes themselves then run at page-cache
-    speed."""
-    for path in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,6 +6,17 @@ import os
 from pathlib import Path
 
 
+def fsync_tree(directory: str | Path) -> None:
+    """Flush every file and folder under `directory`, and `directory` itself, to the disk (deepest first)."""
+    directory = Path(directory)
+    for path in [*sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_text_atomically(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a sibling temporary file and a rename: a reader (or a run resumed after
     a kill) finds either the old content or the new, never a prefix of it."""
