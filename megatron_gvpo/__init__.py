@@ -7,4 +7,8 @@ Map of the package (see README.md):
     experiments/  self-contained experiments (the paper's optimum on tabular problems)
 """
 
+from megatron_gvpo.utils.logging import silence_known_notices
+
 __version__ = "0.1.0"
+
+silence_known_notices()  # in every process of ours, before any library can print them (utils/logging.py)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import torch
 import yaml
 
 from megatron_gvpo.data.offline import OfflineDataConfig
@@ -305,10 +306,24 @@ class AlgoConfig:
     'prepass' (forward-only pass computes weights, then any packing)."""
     loss_scale: float = 1.0
     """Constant loss factor; micro_batch_size / (2 * group_size) reproduces the authors' verl code."""
+    gvpo_variant: Literal["paper", "length_normalized"] = "paper"
+    """'paper': the paper's loss on sequence log-probs. 'length_normalized': a variant for comparisons, NOT the
+    paper's objective (its optimum is no longer pi_ref * exp(R / beta) / Z): the same loss on each response's
+    mean token log-prob, log pi(y|x) / |y|, so that a long response's log-ratio does not outweigh a short
+    one's (benchmarks/ test whether GVPO's unnormalised sequence-level weights are why it collapses at lower
+    learning rates than GRPO)."""
     clip_eps: float = 0.2
     """GRPO / Dr. GRPO: PPO clip range of the ratio pi_theta / pi_old."""
     kl_coef: float = 0.0
     """GRPO: weight of the k3 KL penalty to the reference (needs reference 'frozen' or 'refresh'); 0: none."""
+    importance_correction: Literal["none", "truncated"] = "none"
+    """GRPO / Dr. GRPO on samples from other weights than the trained ones (rollout.mode 'async', 'mix' replay,
+    or simply the rollout engine's numerics): 'truncated' weights every token's loss by
+    min(pi_old / pi_behaviour, importance_cap), pi_behaviour being the rollout engine's log-prob of the token
+    (truncated importance sampling, as slime's --use-tis and verl's rollout correction). GVPO takes none: its
+    objective has the same optimum for any sampling distribution."""
+    importance_cap: float = 2.0
+    """The truncation of 'truncated' importance weights."""
 
     def validate(self) -> None:
         if not self.beta > 0:
@@ -328,6 +343,13 @@ class AlgoConfig:
             raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_coef and self.name != "grpo":
             raise ValueError(f"algo.kl_coef is GRPO's KL penalty; algo.name={self.name!r} has none (set it to 0)")
+        if self.gvpo_variant != "paper" and self.name != "gvpo":
+            raise ValueError(f"algo.gvpo_variant is a variant of GVPO's loss; algo.name={self.name!r} has none")
+        if self.importance_correction != "none" and self.name == "gvpo":
+            raise ValueError("algo.importance_correction is for the policy-gradient baselines (grpo, dr_grpo): GVPO's "
+                             "objective needs no importance weights for samples of another policy")
+        if not self.importance_cap >= 1:
+            raise ValueError(f"algo.importance_cap must be >= 1 (it truncates large weights), got {self.importance_cap}")
         if self.kl_coef and self.reference == "old_policy":
             raise ValueError("algo.kl_coef > 0 penalises KL to a reference model: set algo.reference to 'frozen' "
                              "or 'refresh' (with 'old_policy' the reference is the sampling policy itself)")
@@ -518,6 +540,12 @@ class Config:
             raise ValueError("rollout.eval_offline evaluates an offline run: it needs rollout.source='offline' and "
                              f"prompts.eval_path (got source={self.rollout.source!r}, "
                              f"eval_path={self.prompts.eval_path!r})")
+        if self.algo.importance_correction != "none" and self.rollout.source == "offline":
+            raise ValueError("algo.importance_correction weights tokens by the rollout engine's log-probs: it needs "
+                             "rollout.source 'online' or 'mix' (offline data carry none)")
+        if self.algo.importance_correction != "none" and self.rollout.seeded and not torch.cuda.is_available():
+            raise ValueError("algo.importance_correction needs the rollout's log-probs, which rollout.seeded sampling "
+                             "does not give without a GPU (rollout/seeded.py): set rollout.seeded=false")
         if self.rollout.source != "offline":
             if not self.prompts.path:
                 raise ValueError(f"rollout.source={self.rollout.source!r} needs prompts.path (a file, directory or "

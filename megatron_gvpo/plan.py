@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 from megatron_gvpo.config import Config, add_config_arguments, load_config
@@ -584,7 +583,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="GPUs per node (default: cluster.gpus_per_node)")
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")  # Megatron's import-time notices about fused kernels absent on this machine
     try:
         cfg = load_config(Config, args.config, args.overrides)
         result = plan(cfg, args.nodes, args.gpus_per_node)

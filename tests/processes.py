@@ -30,3 +30,26 @@ def signal_after_lines(command: list[str], metrics: Path, lines: int, sig: int =
         if proc.poll() is None:
             proc.kill()
     return proc.returncode, out
+
+
+def assert_quiet(output: str, genuine: str = "") -> None:
+    """A run's terminal output shows none of the known-harmless notices (megatron_gvpo/utils/logging.py) and no
+    line twice (a notice that each process, rank or server restart prints again would repeat), while `genuine`,
+    a warning the run itself raised, gets through, once."""
+    from collections import Counter
+
+    from megatron_gvpo.utils.logging import KNOWN_NOTICES
+
+    assert not [n.message for n in KNOWN_NOTICES if n.message in output], output
+    repeated = [line for line, count in Counter(line for line in output.splitlines() if line.strip()).items()
+                if count > 1]
+    assert not repeated, output
+    if genuine:
+        assert output.count(genuine) == 1, output
+
+
+def assert_no_known_notices(log: str) -> None:
+    """No known-harmless notice in a log (an SGLang server's: each of its processes would print them)."""
+    from megatron_gvpo.utils.logging import KNOWN_NOTICES
+
+    assert not [n.message for n in KNOWN_NOTICES if n.message in log], log

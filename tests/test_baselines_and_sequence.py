@@ -14,6 +14,7 @@ from megatron_gvpo.algo import (
     packed_sequence_logprob,
     preference_pairs,
     sequence_logprob,
+    truncated_importance_weights,
 )
 
 
@@ -65,6 +66,39 @@ def test_grpo_matches_reference(length_norm, kl_coef):
     if not kl_coef:
         assert dr_grpo_loss(logp, old, adv, mask).item() == pytest.approx(
             grpo_loss(logp, old, adv, mask, length_norm="constant").item(), rel=1e-12)
+
+
+def test_importance_correction_recovers_the_on_policy_gradient_from_another_policys_samples():
+    """Single-token actions, pi_old = pi_theta, samples from a behaviour policy mu != pi: with the correction, the
+    batch gradient over a batch that holds each action in proportion to mu (the exact expectation under mu) is the
+    on-policy gradient, sum_a pi(a) A(a) grad log pi(a) (closed form); without it, it is mu's. A cap below the
+    largest ratio truncates exactly those ratios; an importance weight of NaN (seeded CPU rollouts) is refused."""
+    counts = torch.tensor([1, 2, 3, 4])  # mu = counts / 10
+    mu = counts / counts.sum()
+    advantages_a = torch.tensor([1.0, -0.5, 0.25, -1.0])
+    logits = torch.tensor([0.3, -0.2, 0.5, -0.4], requires_grad=True)
+    actions = torch.arange(4).repeat_interleave(counts)
+    mask = torch.ones(len(actions), 1, dtype=torch.bool)
+
+    def batch_gradient(cap):
+        token_logp = torch.log_softmax(logits, -1)[actions].unsqueeze(1)
+        loss = grpo_loss(token_logp, token_logp.detach(), advantages_a[actions], mask, importance_cap=cap,
+                         behaviour_token_logp=None if cap is None else mu.log()[actions].unsqueeze(1))
+        return torch.autograd.grad(loss, logits)[0]
+
+    pi = torch.softmax(logits, -1).detach()
+    grad_log_pi = torch.eye(4) - pi  # row a: d log pi(a) / d logits
+    on_policy = -(pi[:, None] * advantages_a[:, None] * grad_log_pi).sum(0)
+    behaviour = -(mu[:, None] * advantages_a[:, None] * grad_log_pi).sum(0)
+    torch.testing.assert_close(batch_gradient(cap=100.0), on_policy)
+    torch.testing.assert_close(batch_gradient(cap=None), behaviour)
+    assert not torch.allclose(on_policy, behaviour, atol=1e-3)
+    ratios = pi / mu  # the first action's ratio is the largest, above 2.5
+    weights = truncated_importance_weights(pi.log(), mu.log(), cap=2.0)
+    torch.testing.assert_close(weights, ratios.clamp(max=2.0))
+    assert ratios[0] > 2.5 and weights[0] == 2.0
+    with pytest.raises(ValueError, match="rollout.seeded=false"):
+        truncated_importance_weights(pi.log(), torch.full((4,), float("nan")), cap=2.0)
 
 
 def test_preference_pairs_and_dpo():

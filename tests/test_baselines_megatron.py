@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from megatron_gvpo.algo import dr_grpo_loss, group_advantages, grpo_loss
+from megatron_gvpo.data.batch import BEHAVIOUR_KEY
 from megatron_gvpo.models.arch import arch_from_hf
 from megatron_gvpo.models.hf_maps import hf_to_megatron
 from tests.test_gvpo_megatron import SEQ, assert_matches_reference, make_batch, run_on_megatron
@@ -41,17 +42,18 @@ def policy_gradient_batch(group_sizes, seed=0):
     return batch
 
 
-def reference_grads(algorithm, kl_coef, batch, model_type="llama"):
+def reference_grads(algorithm, kl_coef, batch, model_type="llama", importance_cap=None):
     """Independent oracle: HF modeling code, full-vocabulary log_softmax, the baselines' [B, T] losses."""
     model = tiny_hf_model(model_type, False)
     token_logp = hf_token_logprobs(model, batch)
     advantages = group_advantages(batch["rewards"], batch["group_ids"], scale_by_std=algorithm == "grpo")
+    correction = {"behaviour_token_logp": batch.get(BEHAVIOUR_KEY), "importance_cap": importance_cap}
     if algorithm == "grpo":
         loss = grpo_loss(token_logp, batch["old_token_logp"], advantages, batch["loss_mask"], clip_eps=CLIP,
-                         ref_token_logp=batch["ref_token_logp"], kl_coef=kl_coef)
+                         ref_token_logp=batch["ref_token_logp"], kl_coef=kl_coef, **correction)
     else:
         loss = dr_grpo_loss(token_logp, batch["old_token_logp"], advantages, batch["loss_mask"], clip_eps=CLIP,
-                            length_constant=LENGTH_CONSTANT)
+                            length_constant=LENGTH_CONSTANT, **correction)
     loss.backward()
     arch = arch_from_hf(model.config)
     grads = saved_tensors(model, {n: p.grad for n, p in model.named_parameters()})
@@ -59,13 +61,13 @@ def reference_grads(algorithm, kl_coef, batch, model_type="llama"):
 
 
 def policy_gradient_run(batch, tp, pp, vpp, mbs, algorithm, kl_coef, fused, sequence_parallel=False,
-                        model_type="llama", ep=1):
+                        model_type="llama", ep=1, importance_cap=None):
     from megatron_gvpo.megatron.step import forward_backward_policy_gradient
 
     def run(chunks, ctx, logprobs):
         return forward_backward_policy_gradient(
             chunks, batch, ctx, micro_batch_size=mbs, algorithm=algorithm, clip_eps=CLIP, kl_coef=kl_coef,
-            length_constant=LENGTH_CONSTANT, logprobs=logprobs,
+            length_constant=LENGTH_CONSTANT, logprobs=logprobs, importance_cap=importance_cap,
         )
 
     return run_on_megatron(run, model_type, False, tp, pp, vpp, fused, sequence_parallel, ep)
@@ -112,6 +114,28 @@ def test_moe_gradient_equals_hf_reference_under_expert_parallelism(gloo, model_t
     results = gloo.run(tp * dp, policy_gradient_run, batch, tp, 1, None, mbs, algorithm, kl_coef, False, tp > 1,
                        model_type, ep)
     assert_matches_reference(results, tp, dp, ref_loss, ref, f"{model_type} {algorithm} {tp=} {dp=} {ep=}")
+
+
+@pytest.mark.parametrize("tp, pp, dp, mbs, algorithm, kl_coef, fused", [
+    (2, 1, 2, 2, "grpo", 0.1, False),
+    (1, 2, 1, 4, "dr_grpo", 0.0, True),
+])
+def test_importance_corrected_gradient_equals_hf_reference(gloo, tp, pp, dp, mbs, algorithm, kl_coef, fused):
+    """algo.importance_correction 'truncated': every token's term weighted by min(pi_old / pi_behaviour, cap),
+    the behaviour log-probs (the rollout engine's) far enough from pi_old that the cap truncates some weights."""
+    cap = 2.0
+    batch = policy_gradient_batch([4, 4, 4, 4])
+    mask = batch["loss_mask"]
+    noise = 0.8 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(3))
+    batch[BEHAVIOUR_KEY] = torch.where(mask, batch["old_token_logp"] + noise, torch.zeros_like(noise))
+    weights = torch.exp(batch["old_token_logp"] - batch[BEHAVIOUR_KEY])[mask]
+    assert (weights > cap).float().mean() > 0.05 and (weights < 1).float().mean() > 0.2
+    ref_loss, ref = reference_grads(algorithm, kl_coef, batch, importance_cap=cap)
+    _, uncorrected = reference_grads(algorithm, kl_coef, batch)
+    assert not torch.allclose(ref["embedding.word_embeddings.weight"], uncorrected["embedding.word_embeddings.weight"])
+    results = gloo.run(tp * pp * dp, policy_gradient_run, batch, tp, pp, None, mbs, algorithm, kl_coef, fused, False,
+                       "llama", 1, cap)
+    assert_matches_reference(results, tp, dp, ref_loss, ref, f"{algorithm} importance-corrected {tp=} {pp=} {dp=}")
 
 
 def token_logprobs_run(batch, tp, pp, mbs):

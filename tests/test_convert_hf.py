@@ -11,6 +11,7 @@
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,50 @@ def test_export_without_kernel_copies_is_the_same(tmp_path, monkeypatch):
     export_hf(tmp_path / "megatron", tmp_path / "export", max_shard_bytes=64 * 1024, progress=False)
     assert len(calls) == 1  # refused once, not asked again
     assert_same_tensors(hf_dir, tmp_path / "export")
+
+
+def test_export_copies_imported_tensors_without_loading_them(tmp_path, monkeypatch):
+    """Export recognises the tensors the import stored (fp32 and bf16 alike) from their archives' index and
+    pickle alone and copies their bytes: torch.load, the way for anything else, is never called."""
+    hf_dirs = [save_hf(tmp_path / "fp32", "qwen3_moe", False),
+               save_hf(tmp_path / "bf16", "qwen3", True, torch.bfloat16)]
+    for hf_dir in hf_dirs:
+        import_hf(hf_dir, hf_dir.parent / "megatron", progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    for hf_dir in hf_dirs:
+        export_hf(hf_dir.parent / "megatron", hf_dir.parent / "export", progress=False)
+        assert_same_tensors(hf_dir, hf_dir.parent / "export")
+
+
+def test_output_is_written_back_while_it_is_written(tmp_path, monkeypatch):
+    """Both directions have the disk write their files as they grow (utils.files.start_writeback), not only
+    in the flush before publishing; the output is the same, and the garbage collector is left as it was."""
+    import gc
+
+    from megatron_gvpo.utils import files
+
+    started = []
+    real = files.start_writeback
+
+    def start_writeback(fd: int, offset: int = 0) -> None:
+        started.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real(fd, offset)
+
+    monkeypatch.setattr(files, "WRITEBACK_EVERY", 4096)
+    monkeypatch.setattr(files, "start_writeback", start_writeback)
+    hf_dir = save_hf(tmp_path, "qwen3_moe", False)
+    import_hf(hf_dir, tmp_path / "megatron", progress=False)
+    assert "__0_0.distcp" in started  # the tensors' file (the metadata's, written after, may be there too)
+    started.clear()
+    export_hf(tmp_path / "megatron", tmp_path / "export", max_shard_bytes=64 * 1024, progress=False)
+    written = set(started)
+    assert written == {f.name for f in (tmp_path / "export").glob("*.safetensors")} and len(written) > 1
+    assert_same_tensors(hf_dir, tmp_path / "export")
+    assert gc.get_freeze_count() == 0
 
 
 def test_export_loads_in_transformers_with_the_same_logits_and_converts_dtype(tmp_path):

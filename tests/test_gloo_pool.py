@@ -1,7 +1,9 @@
 """Contract of the test harness itself: results come back in rank order from one persistent process group,
-a failure on one rank raises with that rank's traceback, and a hung task restarts the pool."""
+a failure on one rank raises with that rank's traceback, a hung task restarts the pool, and an idle worker costs
+no CPU after a task that set Megatron layouts up and tore them down."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -50,5 +52,61 @@ def test_hung_task_restarts_the_pool():
             pool.run(hang_on_rank_one)
         new_pids = [p for _, p, _ in pool.run(rank_pid_and_sum)]
         assert set(new_pids).isdisjoint(pids)
+    finally:
+        pool.close()
+
+
+def layouts_left_as_a_test_leaves_them():
+    """Megatron layouts set up and torn down (`destroy_parallel`) the way test tasks do, with their groups held by
+    a reference cycle that is garbage once the task returns, as a model's or an optimizer's are. Returns the pid and
+    the Megatron globals that still hold a process group (none may)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
+    from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
+
+    apply_cpu_compat()
+    for tp in (1, 2) * 2:
+        initialize_parallel(ParallelConfig(tp=tp), seed=0)
+        model = {"groups": list(dist.distributed_c10d._world.pg_map)}  # modules, DDP buffers: every group
+        model["self"] = model
+        destroy_parallel()
+    return os.getpid(), [k for k, v in vars(parallel_state).items() if isinstance(v, dist.ProcessGroup)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of all of a process's threads so far (schedstat: nanoseconds; stat's utime is in 10 ms ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    return total / 1e9
+
+
+def test_an_idle_worker_costs_no_cpu():
+    """Once idle (IDLE_COLLECT_S, then its collection), a worker costs under 0.4% of a core: only its world group's
+    gloo transport thread is left polling (measured 0.06-0.12%). Before the fix every destroyed group's thread
+    still polled: 1.4% after test_train_cli's four CLI runs, 5-13% late in a full session, 3% after this task.
+    A pool of its own: the session's shared workers carry whatever earlier tests left (in a full CI session they
+    still measured 4.6% here: some holder of destroyed groups is not yet found, see the issue's note)."""
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat"):
+        pytest.skip("needs Linux's /proc/<pid>/task/<tid>/schedstat")
+    pool = GlooPool(2)
+    try:
+        pids, leftovers = zip(*pool.run(layouts_left_as_a_test_leaves_them))
+        assert leftovers == ([], []), "destroy_parallel leaves Megatron globals holding process groups"
+        deadline = time.monotonic() + 20  # the collection of a loaded machine's worker can take seconds
+        while True:
+            before = [cpu_seconds(p) for p in pids]
+            time.sleep(1.0)
+            cost = [cpu_seconds(p) - b for p, b in zip(pids, before)]
+            if max(cost) < 0.004 or time.monotonic() > deadline:
+                break
+        assert max(cost) < 0.004, f"idle workers used {cost} CPU seconds in 1 s"
     finally:
         pool.close()

@@ -39,13 +39,16 @@ def make_batch(group_sizes, seed=0, seq=SEQ):
                 ref_seq_logp=ref_seq_logp)
 
 
-def reference_grads(model_type, tied, batch):
+def reference_grads(model_type, tied, batch, length_normalized=False):
     """Independent oracle: HF modeling code, full-vocabulary log_softmax, the whole batch at once."""
     model = tiny_hf_model(model_type, tied)
     logits = model(batch["tokens"]).logits.float()
     token_logp = torch.log_softmax(logits, -1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
-    seq_logp = sequence_logprob(token_logp, batch["loss_mask"])
-    loss = gvpo_loss(seq_logp, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], BETA)
+    seq_logp, ref_seq_logp = sequence_logprob(token_logp, batch["loss_mask"]), batch["ref_seq_logp"]
+    if length_normalized:  # the variant: mean token log-probs of each response
+        lengths = batch["loss_mask"].sum(1)
+        seq_logp, ref_seq_logp = seq_logp / lengths, ref_seq_logp / lengths
+    loss = gvpo_loss(seq_logp, ref_seq_logp, batch["rewards"], batch["group_ids"], BETA)
     loss.backward()
     arch = arch_from_hf(model.config)
     grads = saved_tensors(model, {n: p.grad for n, p in model.named_parameters()})  # checkpoint names and layout
@@ -53,7 +56,7 @@ def reference_grads(model_type, tied, batch):
 
 
 def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes, fused=False,
-                       sequence_parallel=False, seq=SEQ, ep=1, etp=None, moe=None):
+                       sequence_parallel=False, seq=SEQ, ep=1, etp=None, moe=None, length_normalized=False):
     """Every rank: build its chunks, load HF weights, wrap in Megatron DDP, run forward_backward_gvpo; return
     the loss (last stage) and this rank's full-vocab-trimmed gradient shards by global name."""
     from megatron_gvpo.megatron.step import forward_backward_gvpo
@@ -62,7 +65,7 @@ def megatron_grads_run(model_type, tied, tp, pp, vpp, mbs, strategy, group_sizes
         batch = make_batch(group_sizes, seq=seq)
         check_group_layout(batch["group_ids"], ctx.dp_size, mbs, strategy)
         return forward_backward_gvpo(chunks, batch, ctx, micro_batch_size=mbs, beta=BETA, strategy=strategy,
-                                     logprobs=logprobs)
+                                     logprobs=logprobs, length_normalized=length_normalized)
 
     return run_on_megatron(run, model_type, tied, tp, pp, vpp, fused, sequence_parallel, ep, etp, moe)
 
@@ -176,6 +179,23 @@ def test_gradient_equals_single_process_hf_reference(gloo, tp, pp, vpp, dp, mbs,
     ref_loss, ref = reference_grads("llama", False, batch)
     results = gloo.run(tp * pp * dp, megatron_grads_run, "llama", False, tp, pp, vpp, mbs, strategy, group_sizes)
     assert_matches_reference(results, tp, dp, ref_loss, ref, f"{tp=} {pp=} {vpp=} {dp=} {mbs=} {strategy}")
+
+
+@pytest.mark.parametrize("tp, pp, dp, mbs, strategy, group_sizes", [
+    (2, 1, 1, 4, "group_atomic", [4, 4, 4, 4]),
+    (1, 2, 2, 2, "allgather", [4, 4, 4, 4]),
+    (1, 1, 2, 3, "prepass", [4, 3, 5, 2, 4, 6]),
+])
+def test_length_normalized_variant_equals_its_reference(gloo, tp, pp, dp, mbs, strategy, group_sizes):
+    """`algo.gvpo_variant: length_normalized` (a variant, not the paper's loss): the same loss on mean token
+    log-probs, policy's and reference's; exact under each group strategy, and not the paper's gradient."""
+    batch = make_batch(group_sizes)
+    ref_loss, ref = reference_grads("llama", False, batch, length_normalized=True)
+    paper_loss, _ = reference_grads("llama", False, batch)
+    assert abs(ref_loss - paper_loss) > 1e-3 * abs(paper_loss)
+    results = gloo.run(tp * pp * dp, megatron_grads_run, "llama", False, tp, pp, None, mbs, strategy, group_sizes,
+                       False, False, SEQ, 1, None, None, True)
+    assert_matches_reference(results, tp, dp, ref_loss, ref, f"length-normalized {tp=} {pp=} {dp=} {strategy}")
 
 
 @pytest.mark.parametrize(

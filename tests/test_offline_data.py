@@ -6,6 +6,7 @@ sampler's order depends only on (seed, epoch) and resumes exactly from state_dic
 the batch layout of data/batch.py; the addition reward and the local tokenizer round-trip.
 """
 
+import dataclasses
 import json
 import re
 
@@ -15,7 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from megatron_gvpo.data import addition
-from megatron_gvpo.data.batch import check_group_layout
+from megatron_gvpo.data.batch import BEHAVIOUR_KEY, check_group_layout
 from megatron_gvpo.data.offline import (
     SKIP_REASONS,
     Group,
@@ -306,6 +307,24 @@ def test_collate_layout():
     assert torch.equal(padded["loss_mask"][:, :6], mask) and not padded["loss_mask"][:, 6:].any()
     with pytest.raises(ValueError, match=r"a row of 6 tokens \(x:1\) does not fit seq_len=5"):
         collate(groups, seq_len=5)
+
+
+def test_collate_aligns_the_rollouts_logprobs_with_the_targets():
+    """A group's behaviour log-probs (the rollout engine's, per response token) land where their token is the
+    target, 0 elsewhere; groups with and without them, or a count that is not the response's, are refused."""
+    logprobs = ((-0.1, -0.2), (-0.3,), (-0.4, -0.5, -0.6))
+    groups = [Group((5, 6, 7), ((8, 9), (10,), (11, 12, 13)), (1.0, 0.0, 0.5), "x:1", behaviour_logprobs=logprobs)]
+    batch = collate(groups, seq_len=8)
+    behaviour, mask = batch[BEHAVIOUR_KEY], batch["loss_mask"]
+    assert behaviour.shape == (3, 8) and behaviour.dtype == torch.float32 and (behaviour[~mask] == 0).all()
+    for row, values in enumerate(logprobs):
+        assert behaviour[row][mask[row]].tolist() == pytest.approx(values)
+    plain = Group((20,), ((21,), (22,)), (0.0, 1.0), "x:2")
+    with pytest.raises(ValueError, match="some groups carry the rollout's log-probs and some do not"):
+        collate(groups + [plain])
+    short = dataclasses.replace(groups[0], behaviour_logprobs=((-0.1,), (-0.3,), (-0.4, -0.5, -0.6)))
+    with pytest.raises(ValueError, match=r"1 rollout log-probs for a response of 2 tokens \(x:1\)"):
+        collate([short])
 
 
 def test_loaded_file_collates_within_max_seq_len(tmp_path, tok):

@@ -12,6 +12,8 @@ samples at every evaluation.
 """
 
 import json
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -100,6 +102,18 @@ def response_length(prompt: str, response: str, label) -> float:
     return len(response.split("<eos>")[0]) / 6
 
 
+GENUINE_WARNING = "response_length_warning_once: a genuine warning, which every run must show"
+_warned = threading.Lock()
+
+
+def response_length_warning_once(prompt: str, response: str, label) -> float:
+    """response_length, and at its first call in a process a warning of its own (scoring runs in threads: the lock
+    makes it one), which the run's output must show among the silenced notices (tests.processes.assert_quiet)."""
+    if _warned.acquire(blocking=False):
+        warnings.warn(GENUINE_WARNING, UserWarning)
+    return response_length(prompt, response, label)
+
+
 _CRASH = {"at_call": 0, "calls": 0}
 
 
@@ -179,28 +193,35 @@ def online_command(run_dir, assets, steps):
             "algo.group_size=4", "train.global_batch_size=16", "train.micro_batch_size=8",
             "rollout.max_new_tokens=6", "rollout.max_total_tokens=2048", "rollout.eval_interval=2",
             "model.seq_length=16", "prompts.max_prompt_tokens=8", "reward.kind=function",
-            "reward.function=tests.test_online:response_length", "rollout.seeded=true", "train.lr=1e-2"]
+            "reward.function=tests.test_online:response_length_warning_once", "rollout.seeded=true", "train.lr=1e-2"]
 
 
 def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets, tmp_path):
     """rollout.seeded: samples depend on (weights, prompts, step) only. A run SIGKILLed at a random point (after
     1-3 logged steps: mid-rollout, mid-checkpoint or mid-sync) and started again equals, step by step, a run
-    that was never interrupted: rewards, losses, held-out accuracy, KL to the start policy."""
+    that was never interrupted: rewards, losses, held-out accuracy, KL to the start policy.
+    Both runs' terminal output (the start, the resume) and their SGLang logs are free of the known-harmless notices
+    and repeat no line, and the reward function's own warning shows (tests.processes.assert_quiet)."""
     import os
     import random
     import subprocess
 
-    from tests.processes import signal_after_lines
+    from tests.processes import assert_no_known_notices, assert_quiet, signal_after_lines
 
     pytest.importorskip("sglang")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(online_command(whole, assets, 4), cwd=REPO, env=env, check=True, capture_output=True)
+    run = subprocess.run(online_command(whole, assets, 4), cwd=REPO, env=env, check=True, capture_output=True,
+                         text=True)
+    assert_quiet(run.stdout + run.stderr, GENUINE_WARNING)
     lines = random.Random().choice([2, 3, 4])  # the first line is the evaluation before step 1
     code, out = signal_after_lines(online_command(killed, assets, 4), killed / "metrics.jsonl", lines)
     assert code == -9, out
-    subprocess.run(online_command(killed, assets, 4) + ["--resume"], cwd=REPO, env=env, check=True,
-                   capture_output=True)
+    run = subprocess.run(online_command(killed, assets, 4) + ["--resume"], cwd=REPO, env=env, check=True,
+                         capture_output=True, text=True)
+    assert_quiet(run.stdout + run.stderr, GENUINE_WARNING)
+    for run_dir in (whole, killed):
+        assert_no_known_notices((run_dir / "logs" / "sglang_0.log").read_text())
 
     def records(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -213,6 +234,47 @@ def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets,
         for key, value in w.items():  # strings and counts exactly, floats to 1e-5 relative
             assert g[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), (key, lines)
     assert want[2]["kl_to_start"] > 0 and want[4]["reward_mean"] != want[1]["reward_mean"]
+
+
+def test_async_rollout_stays_within_its_staleness_loses_nothing_and_resumes_after_sigkill(assets, tmp_path):
+    """rollout.mode 'async', max_staleness 2, the server decoding two requests at a time so that generation
+    outlasts a training step and weight updates land while requests are in flight. Every step trains on its
+    prompts' complete groups (none aborted or dropped, so no request lost across an update; a doubled one would
+    break the group count), sampled from weights at most 2 versions old. A run SIGKILLed at a random point and
+    resumed trains on the same prompts at the same steps as the uninterrupted one (the samples in flight at the
+    kill are generated again, from the checkpoint's weights), within the same bound."""
+    import os
+    import random
+    import subprocess
+
+    from tests.processes import signal_after_lines
+
+    pytest.importorskip("sglang")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps, bound = 5, 2
+
+    def command(run):
+        return online_command(run, assets, steps) + [
+            "rollout.mode=async", f"rollout.max_staleness={bound}", "rollout.max_running_requests=2"]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(command(whole), cwd=REPO, env=env, check=True, capture_output=True)
+    lines = random.Random().choice([2, 3, 4])  # the first line is the evaluation before step 1
+    code, out = signal_after_lines(command(killed), killed / "metrics.jsonl", lines)
+    assert code == -9, out
+    subprocess.run(command(killed) + ["--resume"], cwd=REPO, env=env, check=True, capture_output=True)
+
+    def trained(run):
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    want, got = trained(whole), trained(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1)), lines
+    assert [r["prompts_crc32"] for r in got] == [r["prompts_crc32"] for r in want], lines
+    assert len({r["prompts_crc32"] for r in want}) == steps
+    for r in want + got:
+        assert r["staleness"] <= bound and r["aborted_groups"] == r["dropped_groups"] == 0, (r, lines)
+    assert want[0]["staleness"] == 0 and max(r["staleness"] for r in want) >= 1  # generation overlapped training
+    assert sum(r["updated_in_flight"] for r in want) > 0  # samples that an update reached mid-way
 
 
 def attached_run(run_dir, assets, url, overrides=()):

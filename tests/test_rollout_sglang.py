@@ -196,6 +196,64 @@ def test_abort_marks_every_unfinished_sample(server, ps):
     assert all(x.finish_reason == "abort" and not x.complete and len(x.token_ids) < 2000 for x in samples)
 
 
+def teacher_forced_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """log model(token | prefix) of each of `tokens` after `prompt`."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def test_a_weight_update_in_flight_loses_no_request_and_moves_every_sample_to_the_new_weights(
+        server, model_dirs, ps, tmp_path):
+    """Asynchronous rollout's update (rollout/pipeline.py): generation paused in SGLang's 'retract' mode while a
+    rollout runs, new weights loaded, generation continued. Every request comes back once, complete, under the
+    new version, and each sample's log-probs are the old weights' up to the pause and the new weights' from
+    then on: its prefix is re-prefilled under the new weights, not decoded from the old weights' KV cache."""
+    import time
+
+    import transformers
+
+    from megatron_gvpo.rollout.sglang import _http, continue_generation, pause_generation
+
+    old = transformers.AutoModelForCausalLM.from_pretrained(model_dirs[0], dtype=torch.float32).eval()
+    new = transformers.AutoModelForCausalLM.from_pretrained(model_dirs[0], dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    new.save_pretrained(tmp_path / "new")
+    budget = 300
+    client = SGLangClient([server.url], timeout_s=120)
+    thread, out = generate_in_background(client, ps, SamplingParams(n=2, max_new_tokens=budget, ignore_eos=True))
+    try:
+        time.sleep(0.5)
+        assert thread.is_alive(), "the rollout ended before the update: make it longer"
+        pause_generation([server.url])
+        try:
+            answer = _http(f"{server.url}/update_weights_from_disk",
+                           {"model_path": str(tmp_path / "new"), "weight_version": "new", "flush_cache": True}, 120)
+            assert answer["success"], answer
+        finally:
+            continue_generation([server.url])
+        thread.join(120)
+    finally:  # the module's other tests expect the served model to be the initial one
+        thread.join(120)
+        answer = _http(f"{server.url}/update_weights_from_disk",
+                       {"model_path": str(model_dirs[1]), "weight_version": "initial"}, 120)
+        assert answer["success"]
+    groups = out["groups"]
+    assert [len(grp) for grp in groups] == [2, 2, 2]
+    for prompt, grp in zip(ps, groups, strict=True):
+        for x in grp:
+            assert x.finish_reason == "length" and len(x.token_ids) == budget and x.weight_version == "new"
+            got = torch.tensor(x.logprobs)
+            before, after = (teacher_forced_logprobs(m, prompt, x.token_ids) for m in (old, new))
+            switch = int((got - before).abs().gt(1e-3).int().argmax())  # the first token the old weights did not score
+            assert 0 < switch < budget, "the update did not land mid-sample"
+            assert (got[:switch] - before[:switch]).abs().max() < 1e-3
+            assert (got[switch:] - after[switch:]).abs().max() < 1e-3, switch
+
+
 @pytest.mark.parametrize("retries", [1, 0])
 def test_server_killed_mid_rollout_fails_over_or_errors(server, model_dirs, retries, ps):
     """Two servers share the prompts; one is SIGKILLed while it generates. With a retry its prompts are

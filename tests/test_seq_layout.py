@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_gvpo.data.batch import BEHAVIOUR_KEY
 from megatron_gvpo.megatron.seq_layout import (
     SequenceLayout,
     cp_token_index,
@@ -128,6 +129,7 @@ def head_run(packing: str, fused: bool, pad_multiple: int = 1, algorithm: str = 
     full = torch.randn(b, s, HIDDEN if fused else VOCAB, generator=g).requires_grad_()
     mb.update(old_token_logp=-torch.rand(b, s, generator=g) * 4, ref_token_logp=-torch.rand(b, s, generator=g) * 4,
               advantages=torch.randn(b, generator=g), token_weights=torch.rand(b, generator=g))
+    mb[BEHAVIOUR_KEY] = mb["old_token_logp"] + torch.randn(b, s, generator=g)  # importance weights up to the cap
     tracker = dict(mb, tokens=torch.arange(b * s).view(b, s))  # the layout moves positions like tokens
     local = layout_microbatch(tracker, SequenceLayout(packing=packing, cp_size=cp, cp_rank=rank,
                                                       pad_multiple=pad_multiple))
@@ -142,7 +144,7 @@ def head_run(packing: str, fused: bool, pad_multiple: int = 1, algorithm: str = 
             logprobs=logprobs))
     else:
         loss, metrics = policy_gradient_head(local, weight if fused else None, output, spec=PolicyGradientSpec(
-            clip_eps=0.2, kl_coef=0.1, megatron_scale=1 * 1 * cp, logprobs=logprobs))
+            clip_eps=0.2, kl_coef=0.1, importance_cap=2.0, megatron_scale=1 * 1 * cp, logprobs=logprobs))
     # Megatron: loss / num_microbatches (here 1) in the schedule, then DDP averages gradients over DP x CP.
     loss.backward()
     grads = [full.grad] + ([weight.grad] if fused else [])

@@ -11,6 +11,7 @@ from megatron_gvpo.algo.baselines import (
     group_advantages,
     grpo_loss,
     preference_pairs,
+    truncated_importance_weights,
 )
 from megatron_gvpo.algo.groups import Groups, make_groups
 from megatron_gvpo.algo.gvpo import (
@@ -42,4 +43,5 @@ __all__ = [
     "packed_sequence_logprob",
     "preference_pairs",
     "sequence_logprob",
+    "truncated_importance_weights",
 ]

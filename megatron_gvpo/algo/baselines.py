@@ -54,6 +54,8 @@ def grpo_loss(
     kl_coef: float = 0.0,
     length_norm: Literal["sequence", "constant"] = "sequence",
     length_constant: int | None = None,
+    behaviour_token_logp: torch.Tensor | None = None,
+    importance_cap: float | None = None,
 ) -> torch.Tensor:
     """Clipped policy-gradient loss with an optional k3 KL penalty to `ref_token_logp`.
 
@@ -66,6 +68,8 @@ def grpo_loss(
         ref_token_logp, kl_coef: k3 penalty exp(q - l) - (q - l) - 1 per token, weighted by kl_coef.
         length_norm: "sequence" (GRPO: mean over each response's tokens) or "constant" (Dr. GRPO: sum over
             tokens divided by `length_constant`, T when None; Dr. GRPO uses the generation budget).
+        behaviour_token_logp, importance_cap: with both, the correction for samples of another policy than
+            pi_old: each token's policy-gradient term weighted by `truncated_importance_weights`.
     """
     _check_tokens(token_logp=token_logp, old_token_logp=old_token_logp, response_mask=response_mask)
     if advantages.shape != token_logp.shape[:1]:
@@ -73,8 +77,13 @@ def grpo_loss(
     if kl_coef and ref_token_logp is not None:
         _check_tokens(token_logp=token_logp, ref_token_logp=ref_token_logp)
     mask = response_mask.to(token_logp.dtype)
+    weights = None
+    if importance_cap is not None:
+        _check_tokens(token_logp=token_logp, behaviour_token_logp=behaviour_token_logp)
+        weights = truncated_importance_weights(old_token_logp, behaviour_token_logp, importance_cap)
     per_token = clipped_policy_gradient(token_logp, old_token_logp, advantages.unsqueeze(-1).expand_as(token_logp),
-                                        clip_eps=clip_eps, ref_token_logp=ref_token_logp, kl_coef=kl_coef)
+                                        clip_eps=clip_eps, ref_token_logp=ref_token_logp, kl_coef=kl_coef,
+                                        importance_weights=weights)
     per_token = torch.where(response_mask.bool(), per_token, torch.zeros_like(per_token))
     if length_norm == "sequence":
         per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1)
@@ -93,20 +102,35 @@ def clipped_policy_gradient(
     clip_eps: float,
     ref_token_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    importance_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GRPO's loss per token, elementwise over tensors of one shape: -min(r A, clip(r, 1 +- eps) A) with
-    r = pi_theta / pi_old, plus kl_coef * (exp(q - l) - (q - l) - 1), the k3 estimate of KL(pi_theta || pi_ref).
-    Normalisation (over a response's tokens, over the batch) is the caller's: `grpo_loss` for [B, T]
-    tensors, the Megatron head for the scored tokens of a micro-batch."""
+    r = pi_theta / pi_old, times `importance_weights` where given, plus kl_coef * (exp(q - l) - (q - l) - 1),
+    the k3 estimate of KL(pi_theta || pi_ref). Normalisation (over a response's tokens, over the batch) is the
+    caller's: `grpo_loss` for [B, T] tensors, the Megatron head for the scored tokens of a micro-batch."""
     ratio = torch.exp(token_logp - old_token_logp.detach())
     adv = token_advantages.detach()
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    if importance_weights is not None:
+        per_token = per_token * importance_weights.detach()
     if kl_coef:
         if ref_token_logp is None:
             raise ValueError("kl_coef > 0 needs ref_token_logp")
         log_r = ref_token_logp.detach() - token_logp
         per_token = per_token + kl_coef * (torch.exp(log_r) - log_r - 1)
     return per_token
+
+
+def truncated_importance_weights(old_token_logp: torch.Tensor, behaviour_token_logp: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """min(pi_old / pi_behaviour, cap) per token (truncated importance sampling; Ionides 2008, and in RL for
+    LLMs slime's --use-tis, verl's rollout correction): PPO's ratio is taken to pi_old, the trainer's policy
+    before the update, so tokens that another policy sampled (stale weights, the rollout engine's numerics) are
+    reweighted towards pi_old; the cap bounds the variance that rare tokens would add."""
+    if not torch.isfinite(behaviour_token_logp).all():
+        raise ValueError("importance correction: the rollout's log-probs are not finite (seeded sampling on CPU "
+                         "returns none: rollout.seeded=false)")
+    return torch.exp(old_token_logp.detach() - behaviour_token_logp).clamp(max=cap)
 
 
 def dr_grpo_loss(
@@ -117,12 +141,14 @@ def dr_grpo_loss(
     *,
     clip_eps: float = 0.2,
     length_constant: int | None = None,
+    behaviour_token_logp: torch.Tensor | None = None,
+    importance_cap: float | None = None,
 ) -> torch.Tensor:
     """Dr. GRPO: `grpo_loss` with constant length normalisation and no KL term; pass advantages from
     `group_advantages(..., scale_by_std=False)`."""
     return grpo_loss(
         token_logp, old_token_logp, advantages, response_mask, clip_eps=clip_eps, length_norm="constant",
-        length_constant=length_constant,
+        length_constant=length_constant, behaviour_token_logp=behaviour_token_logp, importance_cap=importance_cap,
     )
 
 

@@ -82,6 +82,10 @@ ROUTES_KEY = "routed_experts"
 """Optional batch key: the rollout's experts per token, [rows, tokens, MoE layers, top_k] (routing replay,
 `megatron_gvpo.megatron.routing_replay`)."""
 
+BEHAVIOUR_KEY = "behaviour_token_logp"
+"""Optional batch key: the rollout engine's log-probs of the sampled tokens, [rows, tokens] aligned with `targets`
+(the baselines' importance correction, `algo.importance_correction`)."""
+
 
 def unrouted(rows: int, tokens: int, layers: int, top_k: int) -> torch.Tensor:
     """Routes for positions the rollout did not route (a sequence's last token, padding): experts 0..k-1.

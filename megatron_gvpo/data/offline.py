@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from megatron_gvpo.data.batch import ROUTES_KEY, make_targets, unrouted
+from megatron_gvpo.data.batch import BEHAVIOUR_KEY, ROUTES_KEY, make_targets, unrouted
 from megatron_gvpo.data.records import BadRecord, RowError, read_records
 
 if TYPE_CHECKING:
@@ -143,6 +143,9 @@ class Group:
     routes: tuple[torch.Tensor, ...] | None = None
     """Per response, the experts the rollout engine routed its tokens to (routing replay): int16
     [prompt + response - 1 tokens, MoE layers, top_k]; None without routing replay."""
+    behaviour_logprobs: tuple[tuple[float, ...], ...] | None = None
+    """Per response, log pi_behaviour(token | prefix) of each of its tokens under the weights that sampled it
+    (the rollout engine's), for the baselines' importance correction; None when not asked for."""
 
 
 @dataclass
@@ -542,7 +545,27 @@ def collate(groups: Sequence[Group], seq_len: int | None = None, pad_id: int = 0
     batch = {"tokens": tokens, "loss_mask": loss_mask, "targets": targets, "rewards": rewards, "group_ids": group_ids}
     if any(g.routes is not None for g in groups):
         batch[ROUTES_KEY] = _collate_routes(groups, seq_len)
+    if any(g.behaviour_logprobs is not None for g in groups):
+        batch[BEHAVIOUR_KEY] = _collate_behaviour_logprobs(groups, seq_len)
     return batch
+
+
+def _collate_behaviour_logprobs(groups: Sequence[Group], seq_len: int) -> torch.Tensor:
+    """[rows, seq_len] float32 behaviour log-probs aligned with `targets` (0 where nothing is scored)."""
+    if any(g.behaviour_logprobs is None for g in groups):
+        raise ValueError("importance correction: some groups carry the rollout's log-probs and some do not (a "
+                         "replayed group from a run without algo.importance_correction?)")
+    out = torch.zeros(sum(len(g.response_ids) for g in groups), seq_len)
+    n = 0
+    for g in groups:
+        p = len(g.prompt_ids)
+        for response, logprobs in zip(g.response_ids, g.behaviour_logprobs, strict=True):
+            if len(logprobs) != len(response):
+                raise ValueError(f"importance correction: {len(logprobs)} rollout log-probs for a response of "
+                                 f"{len(response)} tokens ({g.source})")
+            out[n, p - 1: p - 1 + len(response)] = torch.tensor(logprobs)  # target t is token t + 1
+            n += 1
+    return out
 
 
 def _collate_routes(groups: Sequence[Group], seq_len: int) -> torch.Tensor:

@@ -9,14 +9,21 @@ import: HF directory -> a Megatron checkpoint (torch_dist format) of the model w
     (the layouts of `megatron_gvpo.models.hf_maps.VIEWS`: no concatenation, no copy), written and overwritten
     by the next parameter. The archives are written without CRC-32s and without an fsync per file
     (`_without_crc32`, `_streaming_strategy`), which made up more than half of the time; the whole output is
-    flushed once before it is published (`atomic_output_dir`).
+    flushed once before it is published (`atomic_output_dir`). Megatron's sharded state dict is built once
+    (for the shard table and the save), and its process groups are released as soon as it is built.
 export: a Megatron checkpoint (from import or from training) -> HF safetensors shards with an index,
     config.json, generation_config.json and the tokenizer files, streamed into shard files whose headers were
     written from a plan made up front. The metadata is read once (`_CheckpointReader`); an HF tensor stored
     plainly (a whole chunk, or a contiguous part such as linear_fc1's gate half or a query group's rows of
     linear_qkv) is copied file to file by the kernel (`os.copy_file_range`), anything else (a chunk written
     at another TP layout, a dtype conversion) is read alone into memory (one layer's chunk of a stacked
-    tensor, not the stack) and written from its views.
+    tensor, not the stack) and written from its views. Whether a stored chunk is plain is read from its
+    archive's index and pickle (`_stored_tensor_data`), not by `torch.load`.
+
+Both directions have the disk write their output while they write it (`utils.files.WritebackPacer`), so the
+one flush before publishing finds little left to wait for; and they keep the garbage collector off the
+objects that existed before (`_collecting_only_new_objects`). Per-tensor costs matter for mixture-of-experts
+checkpoints, thousands of 2 MB expert matrices.
 
 Both keep at most one parameter in memory, in one buffer reused for every parameter, so peak memory is below
 1.5x the largest tensor whatever the model size; throughput is close to that of a plain safetensors read and
@@ -36,11 +43,12 @@ import bisect
 import contextlib
 import ctypes
 import functools
+import gc
 import io
 import json
 import math
 import os
-import re
+import pickle
 import shutil
 import struct
 import sys
@@ -64,7 +72,7 @@ from megatron_gvpo.models.hf_io import (
     tensor_bytes,
 )
 from megatron_gvpo.models.hf_maps import TRANSFORMS, expected_hf_names, hf_views, megatron_to_hf, rules
-from megatron_gvpo.utils.files import fsync_tree
+from megatron_gvpo.utils.files import WritebackPacer, fsync_tree
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -98,6 +106,24 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def _collecting_only_new_objects() -> Iterator[None]:
+    """Keep the cyclic garbage collector to the objects made from here on (`gc.freeze`). A process that has
+    imported torch, transformers and Megatron tracks a million objects; the thousands that building the model
+    and its sharded state dict allocate trigger full collections that walk all of them, 0.2 to 0.25 s each
+    (measured: one such collection in each 1.6 s import of a 1 GB MoE checkpoint). Garbage made during the conversion
+    is still collected; the old objects go back to the collector afterwards. Leaves alone a process that
+    froze objects itself."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,9 +166,12 @@ def atomic_output_dir(out: str | Path, force: bool) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def single_process_megatron() -> Iterator[None]:
+def single_process_megatron() -> Iterator[Callable[[], None]]:
     """A one-process gloo group and Megatron's parallel state (TP = PP = 1), torn down afterwards; reuses an
-    existing process group (a test worker) without destroying it."""
+    existing process group (a test worker) without destroying it. Calling the `release` it yields tears
+    Megatron's state down early, once the model and its sharded state dict are built (PyTorch's checkpoint
+    writer needs only the default group): Megatron's twenty groups then stop their threads in the background
+    (`destroy_parallel(wait=False)`, 0.15 s) while the conversion goes on."""
     import torch.distributed as dist
 
     from megatron_gvpo.config import ParallelConfig
@@ -157,10 +186,17 @@ def single_process_megatron() -> Iterator[None]:
     if dist.get_world_size() != 1:
         raise RuntimeError("the converter runs in one process")
     initialize_parallel(ParallelConfig(), seed=0)
+    teardown = []
+
+    def release() -> None:
+        if not teardown:
+            teardown.append(destroy_parallel(wait=False))
+
     try:
-        yield
+        yield release
     finally:
-        destroy_parallel()
+        release()
+        teardown[0].join()
         if own_group:
             dist.destroy_process_group()
 
@@ -237,11 +273,10 @@ class _Materializer:
     shards handed to the writer are views of that buffer, so PyTorch's writer, which keeps a reference to every
     tensor it has written until it is done, holds no memory of its own."""
 
-    def __init__(self, model, arch: Arch, hf: SafetensorsCheckpoint, padded_vocab: int, dtype: torch.dtype,
-                 progress: Callable[[int], None]):
+    def __init__(self, model, table: dict, arch: Arch, hf: SafetensorsCheckpoint, padded_vocab: int,
+                 dtype: torch.dtype, progress: Callable[[int], None]):
         self.shape_of = {name: tuple(p.shape) for name, p in model.named_parameters()}
-        self.where = {(key, offset): (name, view)
-                      for name, shards in _shard_table(model).items() for key, offset, view in shards}
+        self.where = {(key, offset): (name, view) for name, shards in table.items() for key, offset, view in shards}
         self.rule_of = {r.megatron: r for r in rules(arch)}
         self.arch, self.hf, self.padded_vocab, self.dtype = arch, hf, padded_vocab, dtype
         self.progress = progress
@@ -316,6 +351,46 @@ def _without_crc32() -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
+class _WritebackStream:
+    """A buffered file being written, whose pages the disk writes as they are written (`WritebackPacer`): the
+    calls PyTorch's checkpoint writer makes of a stream."""
+
+    def __init__(self, f):
+        self.f, self.pacer = f, WritebackPacer(f.fileno(), flush=f.flush)
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        self.pacer.wrote(n)
+        return n
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _writeback_file_system():
+    """PyTorch's file system for its checkpoint writer, with the files it writes wrapped in `_WritebackStream`:
+    the disk writes the checkpoint while the next tensors are made, and the flush before the output is
+    published (`atomic_output_dir`) finds little left to wait for."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class WritebackFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode: str) -> Iterator[io.IOBase]:
+            with super().create_stream(path, mode) as stream:
+                yield _WritebackStream(stream) if "w" in mode else stream
+
+    return WritebackFileSystem()
+
+
 def _streaming_strategy(materializer: _Materializer):
     """Megatron's torch_dist save strategy writing through PyTorch's serial file writer, which resolves (and
     here materialises) one tensor at a time instead of staging every tensor in memory first."""
@@ -342,6 +417,7 @@ def _streaming_strategy(materializer: _Materializer):
             # rename that publishes it; per file, the writer waited for the disk after every file.
             writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, per_thread_copy_ahead=0,
                                           sync_files=False)
+            writer.fs = _writeback_file_system()
             try:
                 with _without_crc32():
                     dcp.save(pyt_state_dict, storage_writer=writer,
@@ -370,11 +446,14 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, 
     torch_dtype = DTYPES[dtype] if dtype else hf.dtype_of(rules(arch)[0].hf[0])
     padded = padded_vocab_size(arch.vocab_size, tp)
     start = time.perf_counter()
-    with single_process_megatron(), atomic_output_dir(out, force) as tmp, _progress_bar(progress, "import") as bar:
+    with (_collecting_only_new_objects(), single_process_megatron() as release_megatron,
+          atomic_output_dir(out, force) as tmp, _progress_bar(progress, "import") as bar):
         model = meta_model(arch, padded, torch_dtype)
-        materializer = _Materializer(model, arch, hf, padded, torch_dtype, bar)
-        dist_checkpointing.save({"model0": model.sharded_state_dict()}, str(tmp),
-                                sharded_strategy=_streaming_strategy(materializer))
+        sharded = model.sharded_state_dict()  # built once: the table and the save share it
+        table = _shard_table(sharded)
+        release_megatron()
+        materializer = _Materializer(model, table, arch, hf, padded, torch_dtype, bar)
+        dist_checkpointing.save({"model0": sharded}, str(tmp), sharded_strategy=_streaming_strategy(materializer))
         materializer.release()
         copy_hf_assets(hf_dir, tmp / HF_ASSETS_DIR)
         (tmp / "convert_hf.json").write_text(json.dumps(
@@ -401,13 +480,13 @@ def stored_embedding(ckpt: Path) -> tuple[int, torch.dtype]:
     return int(stored.size[0]), stored.properties.dtype
 
 
-def _shard_table(model) -> dict[str, list[tuple[str, tuple[int, ...], torch.Tensor]]]:
+def _shard_table(sharded: dict) -> dict[str, list[tuple[str, tuple[int, ...], torch.Tensor]]]:
     """parameter name -> [(sharded key, global offset, meta view of the parameter)]: where each parameter of
-    the TP = PP = 1 meta `model` lives in a Megatron checkpoint (after Megatron's sharded-state factories,
-    which e.g. store linear_fc1 as separate gate and up halves)."""
+    the TP = PP = 1 meta model whose `sharded_state_dict()` is `sharded` lives in a Megatron checkpoint. Applies
+    Megatron's sharded-state factories (which e.g. store linear_fc1 as separate gate and up halves) in place,
+    as saving would."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    sharded = model.sharded_state_dict()
     apply_factories(sharded)
     table: dict[str, list] = {}
     for name, entry in sharded.items():
@@ -557,21 +636,66 @@ def _stored_tensor_data(f: io.FileIO, offset: int, length: int, dest: torch.Tens
     archive at [offset, +length) of the file) begin, when it is exactly `dest`'s shape and dtype (dest may be on
     the meta device), contiguous, alone in its storage, and stored uncompressed; None otherwise. Reading those
     bytes straight into place (or copying them file to file) avoids `torch.load`, which would first build the
-    whole tensor (and on the way a copy of its bytes), and `zipfile`, which copies them twice more."""
-    stored = torch.load(_FileSlice(f, offset, length), map_location="meta", weights_only=True)  # reads no data
-    if not (isinstance(stored, torch.Tensor) and stored.dtype == dest.dtype and stored.shape == dest.shape
-            and stored.is_contiguous() and stored.storage_offset() == 0
-            and stored.untyped_storage().nbytes() == dest.nbytes and sys.byteorder == "little"):
-        return None
+    whole tensor (and on the way a copy of its bytes), and `zipfile`, which copies them twice more. The
+    archive's index and pickle are read here without `torch.load` too (`_StoredTensorLayout`): its
+    weights-only unpickler, in Python, took 0.16 ms per tensor, more than the rest of an export of 2 MB
+    experts together."""
     with zipfile.ZipFile(_FileSlice(f, offset, length)) as archive:
-        records = [i for i in archive.infolist() if re.search(r"/data/\d+$", i.filename)]
-        byteorder = [i for i in archive.infolist() if i.filename.endswith("/byteorder")]
-    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or records[0].file_size != dest.nbytes:
+        records = {i.filename.partition("/")[2]: i for i in archive.infolist()}
+        if "data.pkl" not in records or records["data.pkl"].compress_type != zipfile.ZIP_STORED:
+            return None
+        pickled = os.pread(f.fileno(), records["data.pkl"].file_size, _record_data(f, offset, records["data.pkl"]))
+    try:
+        (dtype, key, numel), storage_offset, size, stride = _StoredTensorLayout(io.BytesIO(pickled)).load()
+    except (pickle.UnpicklingError, TypeError, ValueError, EOFError):  # not one plain tensor
         return None
-    order = byteorder and os.pread(f.fileno(), byteorder[0].file_size, _record_data(f, offset, byteorder[0]))
-    if order and order.strip() != b"little":
+    plain = (dtype == dest.dtype and tuple(size) == tuple(dest.shape) and storage_offset == 0
+             and numel * dtype.itemsize == dest.nbytes and tuple(stride) == _contiguous_strides(size))
+    if not plain or sys.byteorder != "little":
         return None
-    return _record_data(f, offset, records[0])
+    record, byteorder = records.get(f"data/{key}"), records.get("byteorder")
+    if record is None or record.compress_type != zipfile.ZIP_STORED or record.file_size != dest.nbytes:
+        return None
+    if byteorder is not None and os.pread(f.fileno(), byteorder.file_size,
+                                          _record_data(f, offset, byteorder)).strip() != b"little":
+        return None
+    return _record_data(f, offset, record)
+
+
+def _contiguous_strides(size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of shape `size` (as PyTorch makes them: a length-0 axis counts as 1)."""
+    strides, step = [], 1
+    for n in reversed(tuple(size)):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+# The typed storage classes a pickled tensor names (other dtypes take `torch.load`'s way: `_CheckpointReader`).
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16, "HalfStorage": torch.float16,
+                   "DoubleStorage": torch.float64}
+
+
+class _StoredTensorLayout(pickle.Unpickler):
+    """The pickle of a `torch.save`d tensor (its archive's data.pkl) read as ((dtype, storage key, storage
+    numel), storage offset, size, stride) rather than as a tensor: only PyTorch's tensor-rebuilding function,
+    its typed storage classes and OrderedDict (the hooks argument) resolve, anything else is an
+    UnpicklingError, so this runs no code from the file (as `torch.load(weights_only=True)`), in C."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, storage_offset, size, stride, *_: (storage, storage_offset, size, stride)
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        # ("storage", dtype (the storage class as resolved above), key, location, numel)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"persistent id {pid!r}")
+        return pid[1], pid[2], pid[4]
 
 
 def _record_data(f: io.FileIO, archive_offset: int, record: zipfile.ZipInfo) -> int:
@@ -600,15 +724,17 @@ def export_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str | None = 
     torch_dtype = DTYPES[dtype] if dtype else stored_dtype
     summary = ConvertSummary()
     start = time.perf_counter()
-    with single_process_megatron(), atomic_output_dir(out, force) as tmp, _progress_bar(progress, "export") as bar:
+    with (_collecting_only_new_objects(), single_process_megatron() as release_megatron,
+          atomic_output_dir(out, force) as tmp, _progress_bar(progress, "export") as bar):
         model = meta_model(arch, padded, stored_dtype)
-        table = _shard_table(model)
+        table = _shard_table(model.sharded_state_dict())
+        release_megatron()
         shapes = {name: p.shape for name, p in model.named_parameters()}
         # Every output tensor's name and shape, from the transforms run on meta tensors: the shard headers
         # are written up front and each tensor streams to its file as it is made.
         meta = {name: torch.empty(shape, dtype=stored_dtype, device="meta") for name, shape in shapes.items()}
         plan = [(name, tuple(t.shape), torch_dtype) for name, t in megatron_to_hf(arch, meta, padded)]
-        writer = SafetensorsStreamWriter(tmp, plan, max_shard_bytes)
+        writer = SafetensorsStreamWriter(tmp, plan, max_shard_bytes, writeback=True)
         buffer = _ReusedBuffer(max(math.prod(s) for s in shapes.values()) * stored_dtype.itemsize)
         reader = _CheckpointReader(ckpt)
         try:

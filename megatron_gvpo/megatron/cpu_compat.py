@@ -64,6 +64,8 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_gvpo.utils.logging import silence_known_notices
+
 # Megatron's fused kernels need CUDA (or apex/TE); the unfused paths give the same numbers.
 CPU_TRANSFORMER_CONFIG: dict[str, object] = {
     "use_cpu_initialization": True,
@@ -106,6 +108,7 @@ def apply_cpu_compat() -> bool:
             patch_moe_without_te()
             _patch_moe_split_sizes()
             _patch_uneven_sequence_parallel_collectives()
+            silence_known_notices(cpu=True)  # CUDA-only advice, such as CUDA_DEVICE_MAX_CONNECTIONS under TP
             _patched = True
     _enter_device_redirect_on_this_thread()
     return True

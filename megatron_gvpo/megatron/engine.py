@@ -256,11 +256,13 @@ class MegatronEngine:
         mbs = self.cfg.train.micro_batch_size
         if a.name == "gvpo":
             out = forward_backward_gvpo(self.chunks, batch, self.ctx, micro_batch_size=mbs, beta=a.beta,
-                                        strategy=a.group_strategy, logprobs=self.logprobs, loss_scale=a.loss_scale)
+                                        strategy=a.group_strategy, logprobs=self.logprobs, loss_scale=a.loss_scale,
+                                        length_normalized=a.gvpo_variant == "length_normalized")
         else:
             out = forward_backward_policy_gradient(
                 self.chunks, batch, self.ctx, micro_batch_size=mbs, algorithm=a.name, clip_eps=a.clip_eps,
                 kl_coef=a.kl_coef, length_constant=self.cfg.rollout.max_new_tokens, logprobs=self.logprobs,
+                importance_cap=a.importance_cap if a.importance_correction == "truncated" else None,
             )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         found_inf = self.optimizer.prepare_grads()

@@ -28,10 +28,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from megatron_gvpo.data.batch import ROUTES_KEY, pad_routes
+from megatron_gvpo.data.batch import BEHAVIOUR_KEY, ROUTES_KEY, pad_routes
 
 PER_TOKEN_KEYS = ("tokens", "position_ids", "targets", "loss_mask", "seq_index")
-TOKEN_VALUE_KEYS = ("old_token_logp", "ref_token_logp")
+TOKEN_VALUE_KEYS = ("old_token_logp", "ref_token_logp", BEHAVIOUR_KEY)
 """Optional per-token values [b, s] aligned with `targets` (the policy-gradient baselines' log-probs): laid
 out like `targets` when a micro-batch carries them."""
 

@@ -36,8 +36,9 @@ from megatron_gvpo.algo import (
     gvpo_weights,
     make_groups,
     num_valid_groups,
+    truncated_importance_weights,
 )
-from megatron_gvpo.data.batch import ROUTES_KEY, split_microbatches
+from megatron_gvpo.data.batch import BEHAVIOUR_KEY, ROUTES_KEY, split_microbatches
 from megatron_gvpo.megatron.parallel import ParallelContext
 from megatron_gvpo.megatron.model import output_weight
 from megatron_gvpo.megatron.routing_replay import set_routes
@@ -141,6 +142,9 @@ class GVPOLossSpec:
     logprobs: LogprobSpec
     dp_group: dist.ProcessGroup | None
     loss_scale: float = 1.0
+    length_normalized: bool = False
+    """The variant `algo.gvpo_variant: length_normalized`: the loss sees each row's sequence log-prob divided
+    by its response length (`response_lengths`; `ref_seq_logp` comes divided already)."""
 
 
 def _all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -168,21 +172,22 @@ def _allgather_group_stats(mb: dict, seq_logp: torch.Tensor, spec: GVPOLossSpec)
 
 def gvpo_head(mb: dict, weight, logits: torch.Tensor, *, spec: GVPOLossSpec):
     seq_logp = sequence_logprobs(mb, logits, weight, spec.logprobs)
+    policy = seq_logp / mb["response_lengths"] if spec.length_normalized else seq_logp  # what the loss sees
     scale = spec.loss_scale * spec.megatron_scale
     if spec.strategy == "group_atomic":
         loss = gvpo_loss(
-            seq_logp, mb["ref_seq_logp"], mb["rewards"], mb["group_ids"], spec.beta,
+            policy, mb["ref_seq_logp"], mb["rewards"], mb["group_ids"], spec.beta,
             num_groups=spec.num_groups, scale=scale,
         )
     elif spec.strategy == "allgather":
-        reward_centered, mean_log_ratio, sizes = _allgather_group_stats(mb, seq_logp, spec)
+        reward_centered, mean_log_ratio, sizes = _allgather_group_stats(mb, policy, spec)
         loss = gvpo_loss_with_group_stats(
-            seq_logp, mb["ref_seq_logp"], reward_centered, mean_log_ratio, sizes, spec.beta,
+            policy, mb["ref_seq_logp"], reward_centered, mean_log_ratio, sizes, spec.beta,
             num_groups=spec.num_groups, scale=scale,
         )
     elif spec.strategy == "prepass":
         loss = gvpo_surrogate_loss(
-            seq_logp, mb["gvpo_weights"], mb["group_sizes"], spec.beta, num_groups=spec.num_groups, scale=scale
+            policy, mb["gvpo_weights"], mb["group_sizes"], spec.beta, num_groups=spec.num_groups, scale=scale
         )
     else:
         raise ValueError(f"unknown group strategy {spec.strategy!r}")
@@ -290,27 +295,36 @@ def forward_backward_gvpo(
     strategy: str,
     logprobs: LogprobSpec,
     loss_scale: float = 1.0,
+    length_normalized: bool = False,
 ) -> dict[str, float] | None:
     """Accumulate the GVPO gradient of the whole batch into the chunks' grad buffers; return the loss and the
     [N] sequence log-probs at the current weights (last stage, None elsewhere). `batch` must carry
     `ref_seq_logp`. Gradients are not reduced across DP here: Megatron's `finalize_model_grads` (called by the
-    schedule when configured) or the optimizer does that."""
+    schedule when configured) or the optimizer does that.
+
+    `length_normalized` runs the variant `algo.gvpo_variant: length_normalized` (not the paper's objective):
+    the same loss on each response's mean token log-prob, log pi(y|x) / |y|, for the policy and the reference
+    alike. The log-probs returned are sums either way."""
     n = batch["tokens"].shape[0]
     num_groups = num_valid_groups(batch["group_ids"])
+    lengths = batch["loss_mask"].sum(1).clamp(min=1).to(torch.float32)
+    if length_normalized:
+        batch = {**batch, "ref_seq_logp": batch["ref_seq_logp"] / lengths, "response_lengths": lengths}
     micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
     prepass_loss = None
     if strategy == "prepass":
         seq_logp = _microbatch_logprobs(chunks, micro, n, ctx, logprobs)  # the same split as the training pass
         if seq_logp is not None:
-            weights = gvpo_weights(seq_logp, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta)
+            policy = seq_logp / lengths if length_normalized else seq_logp
+            weights = gvpo_weights(policy, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta)
             sizes = make_groups(batch["group_ids"]).sample_sizes()
-            prepass_loss = gvpo_loss(seq_logp, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta,
+            prepass_loss = gvpo_loss(policy, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta,
                                      scale=loss_scale)
             for mb in micro:
                 mb["gvpo_weights"], mb["group_sizes"] = weights[mb["row_index"]], sizes[mb["row_index"]]
     spec = GVPOLossSpec(
         beta=beta, strategy=strategy, num_groups=num_groups, megatron_scale=len(micro) * ctx.dp_size * ctx.cp_size,
-        logprobs=logprobs, dp_group=ctx.dp_group, loss_scale=loss_scale,
+        logprobs=logprobs, dp_group=ctx.dp_group, loss_scale=loss_scale, length_normalized=length_normalized,
     )
     outputs = run_schedule(chunks, micro, partial(gvpo_head, spec=spec), forward_only=False, cp_size=ctx.cp_size)
     if prepass_loss is not None:
@@ -341,6 +355,8 @@ class PolicyGradientSpec:
 
     clip_eps: float
     kl_coef: float
+    importance_cap: float | None
+    """Truncated importance weights to the rollout's log-probs (`BEHAVIOUR_KEY`) with this cap; None: none."""
     megatron_scale: float
     """num_microbatches * dp * cp, as for GVPO (module docstring)."""
     logprobs: LogprobSpec
@@ -357,9 +373,13 @@ def policy_gradient_head(mb: dict, weight, logits: torch.Tensor, *, spec: Policy
         return mb[key].reshape(-1)[scored]
 
     old = at_scored("old_token_logp") if "old_token_logp" in mb else token_logp.detach()
+    weights = None
+    if spec.importance_cap is not None:
+        weights = truncated_importance_weights(old, at_scored(BEHAVIOUR_KEY), spec.importance_cap)
     per_token = clipped_policy_gradient(
         token_logp, old, mb["advantages"][rows], clip_eps=spec.clip_eps,
         ref_token_logp=at_scored("ref_token_logp") if spec.kl_coef else None, kl_coef=spec.kl_coef,
+        importance_weights=weights,
     )
     loss = (per_token * mb["token_weights"][rows]).sum()
     reported = loss.detach().clone()
@@ -380,11 +400,16 @@ def forward_backward_policy_gradient(
     kl_coef: float,
     length_constant: int,
     logprobs: LogprobSpec,
+    importance_cap: float | None = None,
 ) -> dict[str, float] | None:
     """`forward_backward_gvpo` for GRPO or Dr. GRPO: the gradient of `baselines.grpo_loss` (GRPO: advantages
     scaled by the group std, each response's token mean; Dr. GRPO: no std, token sums / `length_constant`)
     averaged over the batch's responses. Optional `old_token_logp` / `ref_token_logp` [N, S] come from
-    `compute_token_logprobs`. Any micro-batch split is exact: advantages and normalisers are per row."""
+    `compute_token_logprobs`. With `importance_cap`, every token's term is weighted by its truncated importance
+    ratio pi_old / pi_behaviour (`batch[BEHAVIOUR_KEY]`, the rollout's log-probs). Any micro-batch split is exact:
+    advantages, weights and normalisers are per row or token."""
+    if importance_cap is not None and BEHAVIOUR_KEY not in batch:
+        raise ValueError(f"importance correction needs the rollout's log-probs in the batch ({BEHAVIOUR_KEY!r})")
     if algorithm not in ("grpo", "dr_grpo"):
         raise ValueError(f"unknown policy-gradient algorithm {algorithm!r} (grpo, dr_grpo)")
     n = batch["tokens"].shape[0]
@@ -397,7 +422,7 @@ def forward_backward_policy_gradient(
         "token_weights": 1.0 / (lengths * n),
     }
     micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
-    spec = PolicyGradientSpec(clip_eps=clip_eps, kl_coef=kl_coef, logprobs=logprobs,
+    spec = PolicyGradientSpec(clip_eps=clip_eps, kl_coef=kl_coef, importance_cap=importance_cap, logprobs=logprobs,
                               megatron_scale=len(micro) * ctx.dp_size * ctx.cp_size)
     outputs = run_schedule(chunks, micro, partial(policy_gradient_head, spec=spec), forward_only=False,
                            cp_size=ctx.cp_size)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_gvpo.utils.files import WritebackPacer
+
 
 HF_ASSETS_DIR = "hf"
 """Subdirectory of a Megatron checkpoint holding the HF config, generation config and tokenizer files."""
@@ -225,8 +227,10 @@ class SafetensorsStreamWriter:
     straight to its file as it arrives: nothing is buffered, whatever the shard size."""
 
     def __init__(self, directory: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 max_shard_bytes: int, single_file: str | None = None):
-        """`single_file`: every tensor into that one file and no index (the caller indexes several writers)."""
+                 max_shard_bytes: int, single_file: str | None = None, writeback: bool = False):
+        """`single_file`: every tensor into that one file and no index (the caller indexes several writers).
+        `writeback`: have the disk write the files while they are written (`WritebackPacer`), for output that
+        is flushed before it is published; files read soon and deleted (a weight sync's) need not reach it."""
         self.directory = Path(directory)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
@@ -247,7 +251,8 @@ class SafetensorsStreamWriter:
         self._headers = {file: _safetensors_header(shard) for file, shard in zip(files, shards, strict=True)}
         self._last_of = {file: shard[-1][0] for file, shard in zip(files, shards, strict=True)}
         self._next = 0
-        self._stream = None
+        self._stream = self._pacer = None
+        self._writeback = writeback
         self._kernel_copy = hasattr(os, "copy_file_range")
         if n > 1 and single_file is None:
             index = {"metadata": {"total_size": sum(s[3] for shard in shards for s in shard)},
@@ -268,22 +273,31 @@ class SafetensorsStreamWriter:
         if self._stream is None:
             # Unbuffered: tensors are written in large pieces, and `write_from_files` writes to the descriptor.
             self._stream = open(self.directory / file, "wb", buffering=0)
-            _write_all(self._stream, memoryview(self._headers[file]))
+            self._pacer = WritebackPacer(self._stream.fileno()) if self._writeback else None
+            self._write(memoryview(self._headers[file]))
         return self._stream
+
+    def _write(self, data: memoryview) -> None:
+        _write_all(self._stream, data)
+        self._wrote(len(data))
+
+    def _wrote(self, nbytes: int) -> None:
+        if self._pacer is not None:
+            self._pacer.wrote(nbytes)
 
     def _done(self, name: str) -> None:
         self._next += 1
         if name == self._last_of[self._order[self._next - 1][3]]:
             self._stream.close()
-            self._stream = None
+            self._stream = self._pacer = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor: `tensor` itself, or a view holding its elements in row-major order
         (`hf_maps.VIEWS`; then only the number of elements is checked against the planned shape)."""
         shape = None if not tensor.is_contiguous() else tuple(tensor.shape)
-        stream = self._next_file(name, shape, tensor.numel(), tensor.dtype)
+        self._next_file(name, shape, tensor.numel(), tensor.dtype)
         for block in contiguous_blocks(tensor.detach().cpu()):
-            _write_all(stream, tensor_bytes(block))
+            self._write(tensor_bytes(block))
         self._done(name)
 
     def write_from_files(self, name: str, dtype: torch.dtype, pieces: list[tuple[io.FileIO, int, int]]) -> None:
@@ -296,6 +310,7 @@ class SafetensorsStreamWriter:
         for src, offset, length in pieces:
             while length > 0:
                 copied = self._copy(src, stream, offset, length)
+                self._wrote(copied)
                 offset, length = offset + copied, length - copied
         self._done(name)
 

@@ -12,7 +12,8 @@ part in the weight sync (a collective). The servers start from the trainer's own
 directory under <run.dir>/rollout_init (whatever `model.init`/`model.load`/a resumed checkpoint made them),
 with weight version `step-<N>` of the step the run starts at (servers it attaches to, `rollout.urls`, get those
 weights by a sync before the first request); every later sync sets `step-<step>`, and every
-rollout checks that all its samples carry the version of the last sync (`require_weight_version`).
+rollout checks that all its samples carry the version of the last sync (`require_weight_version`), or, with
+`rollout.mode: async` (rollout/pipeline.py), one of the versions synced while it ran.
 
 Which samples train: a group whose sample was aborted (a server dropped it) or whose reward failed under
 `reward.on_error: drop_group` is left out. It is not removed from the batch (Megatron's micro-batch layout is
@@ -30,7 +31,9 @@ newest earlier groups (`ReplayBuffer`); the trainer recomputes pi_old / pi_ref f
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -49,6 +52,20 @@ class RolloutConfig:
     """'offline': train on data.path's scored groups; 'online': sample groups with SGLang from prompts.path;
     'mix': online, with `replay_fraction` of every batch replayed from earlier rollouts (GVPO's loss is valid
     for any sampling distribution, so old groups are still unbiased training signal)."""
+    mode: Literal["sync", "async"] = "sync"
+    """'sync': every rollout samples from the weights the trainer just synced, while the trainer waits (on-policy).
+    'async': the next batches are generated while the trainer trains, from weights up to `max_staleness`
+    versions old, and weight updates reach the servers while generation is in flight
+    (megatron_gvpo/rollout/pipeline.py)."""
+    max_staleness: int = 1
+    """'async': the most weight versions by which a trained batch may lag the trained weights. 0 generates each
+    batch after the previous step's sync (the synchronous schedule); 1 overlaps generation with one training
+    step."""
+    in_flight_updates: Literal["pause", "drain"] = "pause"
+    """'async': what a weight sync does to requests in flight. 'pause': they are paused and continue under the new
+    weights (the update lands at once; a sample may span versions). 'drain': the update waits until they finish
+    (no sample spans versions, and the servers' prefix caches survive; the trainer waits in the sync instead
+    of for its next batch). rollout/pipeline.py compares them."""
     replay_fraction: float = 0.5
     """'mix': share of each batch's groups drawn from the replay buffer (once it holds that many)."""
     replay_capacity: int = 1024
@@ -135,6 +152,11 @@ class RolloutConfig:
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: {url!r} must start with http:// or https://")
+        if self.mode == "async" and self.source == "offline":
+            raise ValueError("rollout.mode='async' overlaps generation with training: it needs rollout.source "
+                             "'online' or 'mix'")
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
         if self.routing_replay and self.source == "offline":
             raise ValueError("rollout.routing_replay replays the servers' routing: it needs rollout.source 'online' "
                              "or 'mix'")
@@ -168,6 +190,19 @@ def version(step: int) -> str:
     return f"step-{step}"
 
 
+def version_number(name: str) -> int:
+    """The step of a weight version `version(step)`."""
+    prefix, _, number = name.partition("-")
+    if prefix != "step" or not number.isdigit():
+        raise ValueError(f"weight version {name!r} is not one this trainer set (step-<N>)")
+    return int(number)
+
+
+def versions_between(first: str, last: str) -> set[str]:
+    """The weight versions synced from `first` to `last`, both included."""
+    return {version(n) for n in range(version_number(first), version_number(last) + 1)}
+
+
 class OnlineSource:
     """Rollout, rewards and weight sync for the training loop (module docstring)."""
 
@@ -194,7 +229,10 @@ class OnlineSource:
                                                 needs_label=cfg.reward.needs_label, field_name="prompts.eval_path")
             if cfg.prompts.eval_size:
                 self.eval_prompts = self.eval_prompts[: cfg.prompts.eval_size]
-        self.step = start_step  # of the weights being served; seeds the samples when rollout.seeded
+        self.step = start_step  # the rollout step being trained; seeds the samples when rollout.seeded
+        self.drawn: dict[int, list[Prompt]] = {}  # every rank: prompts of the steps submitted, not yet trained
+        self.pipeline = None  # rank 0, rollout.mode 'async': the producer (rollout/pipeline.py)
+        self._decoding = threading.Lock()  # a fast tokenizer refuses concurrent use (pipeline and evaluation)
         # An instruct model ends its turn with its own token (generation_config.json), not only config.json's EOS.
         self.stop_token_ids = eos_token_ids(cfg.model.path, tokenizer)
         self.servers, self.client, self.weights = [], None, None
@@ -214,6 +252,10 @@ class OnlineSource:
         self._connect()
         if self.r.urls:  # attached servers hold whatever they were started with (the launcher: random weights)
             self._resilient(lambda: self._sync(self.version), reload_weights=False)
+        if self.rank0 and self.r.mode == "async":
+            from megatron_gvpo.rollout.pipeline import RolloutPipeline
+
+            self.pipeline = RolloutPipeline(self._rollout)
 
     def _start_servers(self, hf_dir: Path) -> list[str]:
         from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
@@ -289,6 +331,8 @@ class OnlineSource:
         self._connect()
         if reload_weights:
             self._sync(self.version)
+        if self.pipeline is not None:  # requests in flight may have failed with the server, or outlived it
+            self.pipeline.resubmit_all()
 
     def _restart_dead_servers(self, error: RolloutError) -> tuple[list[str] | None, str | None]:
         from megatron_gvpo.rollout.sglang import health
@@ -314,56 +358,83 @@ class OnlineSource:
     # ------------------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[dict, dict]:
         """Collective: the next batch of whole groups (sampled by the servers, and replayed ones for 'mix'),
-        on every rank."""
+        on every rank. In async mode it also submits the prompts of the steps up to `max_staleness` ahead."""
         self.step += 1
-        replayed = self.replay.draw(self._replay_count()) if self.replay is not None else []
-        prompts = self.sampler.next_batch(self.cfg.groups_per_rollout - len(replayed))  # every rank: same state
-        fresh, dropped, metrics = self._resilient(lambda: _on_rank0(self._rollout, prompts))
+        ahead = self.r.max_staleness if self.r.mode == "async" else 0
+        for step in range(self.step, self.step + ahead + 1):
+            if step not in self.drawn:  # every rank draws: the sampler and the replay buffer agree everywhere
+                fresh_count = self.cfg.groups_per_rollout - (self._replay_count() if self.replay is not None else 0)
+                self.drawn[step] = self.sampler.next_batch(fresh_count)
+            if self.pipeline is not None and step not in self.pipeline.submitted():
+                self.pipeline.submit(step, self.drawn[step])
+        prompts = self.drawn.pop(self.step)
+        if self.r.mode == "async":
+            fresh, dropped, metrics = self._resilient(lambda: _on_rank0(self._collect, self.step))
+        else:
+            fresh, dropped, metrics = self._resilient(lambda: _on_rank0(self._rollout, self.step, prompts))
+        replayed = []
         if self.replay is not None:
+            replayed = self.replay.draw(self.cfg.groups_per_rollout - len(prompts))
             self.replay.add([g for i, g in enumerate(fresh) if i not in dropped])
             metrics.update(replay_groups=len(replayed), replay_buffer_groups=len(self.replay))
         batch = collate(fresh + replayed, seq_len=self.cfg.model.seq_length)  # fresh first: `dropped` indexes it
         batch["group_ids"] = _ungroup(batch["group_ids"], dropped)
+        # Which prompts this step sampled, comparable across runs (a resumed asynchronous run's with the
+        # uninterrupted one's, whose samples differ).
+        metrics["prompts_crc32"] = zlib.crc32(repr([p.ids for p in prompts]).encode())
         return batch, {**metrics, "server_restarts": self.restarts}
 
-    def _seed(self, purpose: int) -> int | None:
-        """The sampling seed of this step's rollout (purpose 0) or evaluation (1) when rollout.seeded; the client
+    def _collect(self, step: int):
+        """Rank 0, async: step `step`'s rollout from the pipeline, checked to be at most max_staleness versions
+        older than the weights it trains (version step - 1)."""
+        fresh, dropped, metrics = self.pipeline.result(step)
+        if metrics["staleness"] > self.r.max_staleness:  # the pipeline's schedule rules it out (module docstring)
+            raise RuntimeError(f"rollout step {step} was sampled from weights {metrics['staleness']} versions old, "
+                               f"more than rollout.max_staleness={self.r.max_staleness}")
+        return fresh, dropped, metrics
+
+    def _seed(self, step: int, purpose: int) -> int | None:
+        """The sampling seed of a step's rollout (purpose 0) or evaluation (1) when rollout.seeded; the client
         adds the sample's index. Hashes of int tuples are the same in every process and run."""
-        return hash((self.cfg.run.seed, self.step, purpose)) & (2**62 - 1) if self.r.seeded else None
+        return hash((self.cfg.run.seed, step, purpose)) & (2**62 - 1) if self.r.seeded else None
 
     def _replay_count(self) -> int:
         want = round(self.r.replay_fraction * self.cfg.groups_per_rollout)
         return want if len(self.replay) >= want else 0  # all fresh until the buffer holds a batch's share
 
     def _sample_and_score(self, prompts: list[Prompt], sampling: SamplingParams):
-        """(groups, [(prompt, sample)] flat, RewardResult, seconds generating): the served policy's samples,
-        checked to come from the last synced weights, and their rewards."""
+        """(groups, [(prompt, sample)] flat, RewardResult, seconds generating, first weight version): the served
+        policy's samples, checked to come from the weights synced since they were asked for (in sync mode and
+        for evaluations, the last synced ones: nothing is synced meanwhile), and their rewards."""
         from megatron_gvpo.rewards import score
 
+        first = self.version
         t0 = time.perf_counter()
         groups = self.client.generate([list(p.ids) for p in prompts], sampling)
         t_generate = time.perf_counter() - t0
-        require_weight_version(groups, self.version)
+        require_weight_version(groups, versions_between(first, self.version))
         samples = [(p, x) for p, g in zip(prompts, groups, strict=True) for x in g]
         result = score([p.text for p, _ in samples], [self._decode(x.token_ids) for _, x in samples],
                        [p.label for p, _ in samples], [i // sampling.n for i in range(len(samples))], self.cfg.reward,
                        sources=[p.data_source for p, _ in samples])
-        return groups, samples, result, t_generate
+        return groups, samples, result, t_generate, first
 
-    def _rollout(self, prompts: list[Prompt]) -> tuple[list[Group], set[int], dict]:
-        """(groups, indices of the groups to leave out, metrics): one rollout, scored."""
+    def _rollout(self, step: int, prompts: list[Prompt]) -> tuple[list[Group], set[int], dict]:
+        """(groups, indices of the groups to leave out, metrics): rollout step `step`, scored."""
         t0 = time.perf_counter()
         sampling = SamplingParams(n=self.cfg.algo.group_size, temperature=self.r.temperature, top_p=self.r.top_p,
                                   max_new_tokens=self.r.max_new_tokens, stop_token_ids=self.stop_token_ids,
-                                  seed=self._seed(0), return_routed_experts=self.r.routing_replay)
-        groups, samples, result, t_rollout = self._sample_and_score(prompts, sampling)
+                                  seed=self._seed(step, 0), return_routed_experts=self.r.routing_replay)
+        groups, samples, result, t_rollout, first = self._sample_and_score(prompts, sampling)
         k = sampling.n
         aborted = {i // k for i, (_, x) in enumerate(samples) if x.finish_reason == "abort"}
         truncated = [i for i, (_, x) in enumerate(samples) if x.finish_reason == "length"]
         cut = treat_truncated(result.rewards, truncated, k, self.r.on_truncated)
         dropped = aborted | cut | {i // k for i, keep in enumerate(result.keep) if not keep}
+        behaviour = self.cfg.algo.importance_correction != "none"
         scored = [Group(tuple(p.ids), tuple(tuple(x.token_ids) for x in g), tuple(result.rewards[i * k:(i + 1) * k]),
-                        p.source, self._routes(len(p.ids), g) if self.r.routing_replay else None)
+                        p.source, self._routes(len(p.ids), g) if self.r.routing_replay else None,
+                        tuple(tuple(x.logprobs) for x in g) if behaviour else None)
                   for i, (p, g) in enumerate(zip(prompts, groups, strict=True))]
         rewards = torch.tensor(result.rewards)
         correct = (rewards >= self.r.correct_reward).float()
@@ -377,6 +448,9 @@ class OnlineSource:
             "equal_reward_groups": int((by_group.max(1).values == by_group.min(1).values).sum()),
             "rollout_logp_mean": sum(sum(x.logprobs) for _, x in samples) / len(samples),  # NaN if seeded on CPU
             "time_rollout_s": t_rollout, "time_reward_s": time.perf_counter() - t0 - t_rollout,
+            # versions by which the batch lags the weights it trains (step - 1), counted from the first that served it
+            "staleness": step - 1 - version_number(first),
+            "updated_in_flight": sum(x.weight_version != first for _, x in samples),
             **result.metrics(),
         }
         if self.r.routing_replay:  # positions whose experts the trainer will replay
@@ -399,7 +473,8 @@ class OnlineSource:
         return tuple(routes(x).to(torch.int16) for x in samples)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        with self._decoding:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     # ------------------------------------------------------------------------------------------------
     def sync_weights(self, step: int) -> float:
@@ -409,6 +484,19 @@ class OnlineSource:
         return time.perf_counter() - t0
 
     def _sync(self, new: str) -> None:
+        # Requests in flight wait in the servers' queues while the update runs (rollout/pipeline.py); without the
+        # pause, SGLang's update waits for them to finish.
+        pause = self.r.mode == "async" and self.r.in_flight_updates == "pause"
+        if pause:
+            _on_rank0(self._pause_generation)
+        try:
+            self._update(new)
+        finally:
+            if self.rank0 and pause:
+                self._continue_generation()
+        self.version = new
+
+    def _update(self, new: str) -> None:
         from megatron_gvpo.rollout.weight_sync import sync_weights_from_disk, sync_weights_from_tensor
 
         e = self.engine
@@ -421,7 +509,21 @@ class OnlineSource:
             sync_weights_from_disk(e.chunks, self.arch, e.ctx, self.padded_vocab, self.urls,
                                    self.run_dir / "rollout_weights", self.run_dir / "rollout_init", new,
                                    timeout_s=self.r.request_timeout_s)
-        self.version = new
+
+    def _pause_generation(self) -> None:
+        from megatron_gvpo.rollout.sglang import pause_generation
+
+        pause_generation(self.urls, self.r.request_timeout_s)
+
+    def _continue_generation(self) -> None:
+        """Rank 0, after an update (or a failed one): a server left paused would hold its requests forever."""
+        from megatron_gvpo.rollout.sglang import continue_generation
+        from megatron_gvpo.utils.logging import get_logger
+
+        try:
+            continue_generation(self.urls, self.r.request_timeout_s)
+        except RolloutError as e:  # a dead server is restarted unpaused; a live one that refuses is reported
+            get_logger().warning(str(e))
 
     def evaluate(self) -> dict:
         """Collective: held-out accuracy under the served weights, greedy and pass@k at eval_temperature, on
@@ -439,9 +541,9 @@ class OnlineSource:
         if r.eval_k > 1:
             runs.append((f"pass@{r.eval_k}", SamplingParams(n=r.eval_k, temperature=r.eval_temperature,
                                                           max_new_tokens=r.max_new_tokens, stop_token_ids=stop,
-                                                          seed=self._seed(1))))
+                                                          seed=self._seed(self.step, 1))))
         for name, sampling in runs:
-            _, _, result, _ = self._sample_and_score(self.eval_prompts, sampling)
+            _, _, result, _, _ = self._sample_and_score(self.eval_prompts, sampling)
             correct = torch.tensor(result.rewards).view(-1, sampling.n) >= self.r.correct_reward
             metrics[f"eval_{name}"] = float(correct.any(1).float().mean())
         metrics["eval_weight_version"] = self.version
@@ -449,7 +551,11 @@ class OnlineSource:
         return metrics
 
     def state_dict(self) -> dict:
+        """The prompt sampler, the replay buffer, and the prompts drawn for steps not yet trained (async mode):
+        a resumed run generates those again, from its checkpoint's weights (rollout/pipeline.py)."""
         state = {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
+        if self.drawn:
+            state["drawn"] = {step: [dataclasses.astuple(p) for p in prompts] for step, prompts in self.drawn.items()}
         if self.replay is not None:
             state["replay"] = self.replay.state_dict()
         return state
@@ -457,10 +563,13 @@ class OnlineSource:
     def load_state_dict(self, state: dict) -> None:
         if self.sampler is not None:
             self.sampler.load_state_dict(state["sampler"])
+        self.drawn = {step: [Prompt(*p) for p in prompts] for step, prompts in state.get("drawn", {}).items()}
         if self.replay is not None and "replay" in state:  # a run switched to 'mix' starts with an empty buffer
             self.replay.load_state_dict(state["replay"])
 
     def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close(interrupt=self._abort_requests)
         try:
             if self.weights is not None:
                 self.weights.close()
@@ -468,6 +577,12 @@ class OnlineSource:
             pass  # the servers go away next anyway
         for server in self.servers:
             server.stop()
+
+    def _abort_requests(self) -> None:
+        try:
+            self.client.abort_all()
+        except RolloutError:
+            pass  # behind a router: the request in flight runs to its end, the pipeline waits for it
 
 
 def _share_cores_with_servers(servers: int) -> None:

@@ -3,7 +3,8 @@
 `SGLangServer` starts one server (or none: attach to a URL), waits for `/health` with a deadline and fails with
 the tail of the server's log, and stops it with its whole process group. On machines without CUDA it adds the
 flags of SGLang's generic CPU path (`--device cpu --attention-backend torch_native --sampling-backend pytorch`),
-one OpenMP thread, and the import-only stand-ins of `megatron_gvpo/rollout/cpu_stubs/` to PYTHONPATH.
+one OpenMP thread, and the import-only stand-ins of `megatron_gvpo/rollout/cpu_stubs/` to PYTHONPATH; on any machine
+PYTHONWARNINGS silences the known-harmless notices its processes print (`utils.logging.KNOWN_NOTICES`).
 A server that dies says why (`SupervisedProcess.failure`), in the start-up error or, found dead later, in a
 warning when it is stopped: its exit status with the signal's name, and for SGLang the process of the server
 that died first (its launcher stops itself, with SIGKILL, when its scheduler dies). A SIGKILL is named as the
@@ -47,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_gvpo.rollout.base import RolloutError, Sample, SamplingParams
-from megatron_gvpo.utils.logging import get_logger
+from megatron_gvpo.utils.logging import get_logger, known_notices_env
 from megatron_gvpo.utils.process import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -361,6 +362,9 @@ class SGLangServer(SupervisedProcess):
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ, **self.cfg.env}
+        # The notices each of its processes prints at import (CPU platform, Megatron-FSDP without Apex), every
+        # time it starts: silenced as in our own processes (utils/logging.py).
+        env["PYTHONWARNINGS"] = known_notices_env(env, cpu=not _cuda_available())
         if self.cfg.custom_logit_processor:  # the seeded sampler is passed by reference (rollout/seeded.py)
             _prepend_path(env, REPO_ROOT)
         if not _cuda_available():
@@ -425,6 +429,30 @@ def _routed_experts(encoded: str | None, tokens: int, shape: tuple[int, int], ur
         raise RolloutError(f"{url} returned {flat.size} routed expert ids, expected {tokens} tokens x {layers} layers "
                            f"x top-{top_k} (is routed_experts_shape the served model's?)")
     return torch.from_numpy(flat.astype(np.int64)).view(tokens, layers, top_k)
+
+
+def pause_generation(urls: list[str], timeout_s: float = 60.0) -> None:
+    """Pause generation on every server for a weight update in flight (asynchronous rollout): unfinished
+    requests go back to the server's queue with the tokens they have and their KV cache is freed (SGLang's
+    'retract' mode), so the update can flush the old weights' cache; after `continue_generation` they are
+    re-prefilled under the new weights and go on. Nothing is lost: each request returns once, complete."""
+    for url in urls:
+        try:
+            _http(f"{url}/pause_generation", {"mode": "retract"}, timeout_s)
+        except OSError as e:  # urllib's errors are OSErrors
+            raise RolloutError(f"{url}/pause_generation failed: {e}") from e
+
+
+def continue_generation(urls: list[str], timeout_s: float = 60.0) -> None:
+    """Resume generation after `pause_generation` on every server (all are tried; the first failure raised)."""
+    errors = []
+    for url in urls:
+        try:
+            _http(f"{url}/continue_generation", {}, timeout_s)
+        except OSError as e:
+            errors.append(f"{url}/continue_generation failed: {e}")
+    if errors:
+        raise RolloutError("; ".join(errors))
 
 
 class SGLangClient:

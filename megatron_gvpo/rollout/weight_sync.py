@@ -200,7 +200,10 @@ def _weight_update_session(urls: list[str], version: str, timeout_s: float):
     if dist.get_rank() == 0:
         for u in urls:
             error = error or _post_ok(u, "/end_weight_update", {}, timeout_s)
-            error = error or _post_ok(u, "/update_weight_version", {"new_version": version}, timeout_s)
+            # SGLang aborts every request in flight on a version change unless told not to; paused requests
+            # (asynchronous rollout) continue under the new weights.
+            error = error or _post_ok(u, "/update_weight_version", {"new_version": version,
+                                                                    "abort_all_requests": False}, timeout_s)
     _raise_if_any(error)
 
 

@@ -1,5 +1,14 @@
-"""One logger setup and one metrics sink for every entry point.
+"""One logger setup, one list of silenced notices and one metrics sink for every entry point.
 
+- `KNOWN_NOTICES`: the warnings that libraries print at import or once per process and that say nothing a
+  user of this package can act on (Transformer Engine / Apex absent, CPU-only platform notices of SGLang,
+  deprecations inside Megatron's and FastAPI's own calls). Every process of ours prints them again (each
+  trainer rank, each of an SGLang server's processes, at each server restart), so they buried the lines that
+  matter: the main job's terminal, and the log tail that a failed server start-up is reported with. They are
+  silenced at their source, each by its message and the module that warns, nothing broader:
+  `silence_known_notices()` in every process that imports `megatron_gvpo` (its `__init__` calls it; the
+  CPU-only ones from `megatron.cpu_compat.apply_cpu_compat`), and `known_notices_env()` (PYTHONWARNINGS) for the
+  SGLang servers we start (`rollout.sglang.SGLangServer.environment`). Every other warning still shows.
 - `get_logger()`: a `logging` logger whose lines carry the rank (`[rank 3]`), `warn_once` for advice that
   would otherwise repeat every step.
 - `MetricsSink`: `metrics.jsonl` in the run directory always (one JSON object per record, flushed each
@@ -18,14 +27,78 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megatron_gvpo.utils.files import write_text_atomically
 
 _warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A harmless warning: the start of its message (plain text without ',' or ':', so that PYTHONWARNINGS can
+    carry it), its category (subclasses included) and the modules whose `warnings.warn` emits it (() = any)."""
+
+    message: str
+    category: type[Warning] = UserWarning
+    modules: tuple[str, ...] = ()
+    cpu_only: bool = False
+    """Harmless only without CUDA (on a GPU it is advice to follow, or never emitted)."""
+
+
+_MEGATRON_OPTIMIZER = ("megatron.core.optimizer", "megatron.core.optimizer.optimizer",
+                       "megatron.core.optimizer.clip_grads",
+                       "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision")
+_MEGATRON_NORM = ("megatron.core.models.backends", "megatron.core.models.gpt.gpt_layer_specs",
+                  "megatron.core.models.gpt.heterogeneous.heterogeneous_layer_specs")
+_TP_LAYERS = ("megatron.core.tensor_parallel.layers",)
+
+KNOWN_NOTICES: tuple[Notice, ...] = (
+    # Megatron-Core, once per module and process, for each fused kernel it falls back from without Transformer
+    # Engine and Apex (trainer ranks, and SGLang, which imports Megatron-FSDP); model.transformer_impl decides and
+    # reports the layer implementation (megatron/model.py).
+    Notice("Transformer Engine and Apex are not installed", modules=_MEGATRON_OPTIMIZER),
+    Notice("Apex is not installed", modules=_MEGATRON_NORM),
+    Notice("full scope is deprecated", modules=("megatron.core.transformer.transformer_config",)),
+    # Megatron's checkpoint loader calls torch APIs that torch deprecates (every resume).
+    Notice("`load_state_dict` is deprecated", FutureWarning, ("megatron.core.dist_checkpointing.strategies.torch",)),
+    Notice("Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    # CUDA stream advice from TP > 1 layers; there are no CUDA streams on CPU.
+    Notice("When using async grad allreduce it is recommended to set the environment variable "
+           "CUDA_DEVICE_MAX_CONNECTIONS", modules=_TP_LAYERS, cpu_only=True),
+    Notice("When using sequence parallelism it is recommended to set the environment variable "
+           "CUDA_DEVICE_MAX_CONNECTIONS", modules=_TP_LAYERS, cpu_only=True),
+    # SGLang server processes (launcher, tokenizer manager, scheduler, detokenizer: each imports them).
+    Notice("'python -m sglang.launch_server' is still supported", modules=("__main__",)),  # run with -m
+    Notice("Only CUDA", modules=("sglang.srt.layers.quantization.awq.awq", "sglang.srt.layers.quantization.gguf"),
+           cpu_only=True),
+    Notice("Triton is not supported on current platform", modules=("sglang.kernels.ops.attention.fla.utils",),
+           cpu_only=True),
+    Notice("ORJSONResponse is deprecated", modules=("fastapi.routing",)),  # FastAPIDeprecationWarning
+)
+
+
+def silence_known_notices(cpu: bool = False) -> None:
+    """Ignore `KNOWN_NOTICES` in this process (with `cpu`: only the CPU-only ones). Idempotent."""
+    for n in KNOWN_NOTICES:
+        if n.cpu_only == cpu:
+            module = "|".join(map(re.escape, n.modules))
+            warnings.filterwarnings("ignore", message=re.escape(n.message), category=n.category,
+                                    module=rf"(?:{module})\Z" if module else "")
+
+
+def known_notices_env(environ: dict[str, str], cpu: bool) -> str:
+    """PYTHONWARNINGS for a child process that does not import this package (an SGLang server): `KNOWN_NOTICES`
+    (the CPU-only ones too with `cpu`), then what `environ` already asks for, which takes precedence."""
+    options = [f"ignore:{n.message}:{n.category.__name__}:{module}"
+               for n in KNOWN_NOTICES if cpu or not n.cpu_only for module in (n.modules or ("",))]
+    return ",".join(options + [o for o in (environ.get("PYTHONWARNINGS"),) if o])
 
 
 def _rank() -> int:
