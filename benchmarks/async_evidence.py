@@ -14,10 +14,13 @@ Reported per method and staleness, over the seeds: final held-out greedy accurac
 below the start accuracy, or a non-finite loss), KL to the start policy, and trained samples per second;
 plotted: held-out accuracy against samples seen and against wall time.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/async_evidence.py      # ~50 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/async_evidence.py      # ~65 min on 2 cores
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/async_evidence.py --study staleness --staleness 0 1 --seeds 1
 
-The same harness answers a second question (`--study variant`): the stability sweep's GVPO collapsed at a
+`--study lr` asks whether GVPO's response to staleness depends on the step size: GVPO at LR_STUDY_LRS and
+staleness 0, 1 and 4, beside the staleness study's runs at LR.
+
+The same harness answers another question (`--study variant`): the stability sweep's GVPO collapsed at a
 lower learning rate than GRPO; is it because its weights are unnormalised sequence-level log-ratios? At
 VARIANT_LRS, synchronously, the paper's loss against `algo.gvpo_variant: length_normalized` (the same loss on
 each response's mean token log-prob, clearly a variant) and GRPO.
@@ -50,6 +53,9 @@ STALENESS_METHODS = ("gvpo", "grpo", "grpo+is", "dr_grpo", "dr_grpo+is")
 VARIANT_METHODS, VARIANT_LRS = ("gvpo", "gvpo_len", "grpo"), (5e-4, 1e-3)
 """The variant study (synchronous): the stability sweep's GVPO collapsed at 5e-4 in 1 of 3 seeds where GRPO did
 not; the paper's loss, its length-normalised variant and GRPO at the rates where that happens."""
+LR_STUDY_METHODS, LR_STUDY_STALENESS, LR_STUDY_LRS = ("gvpo",), (0, 1, 4), (1e-4, 5e-5)
+"""The learning-rate study: is GVPO's sensitivity to stale samples at LR a matter of step size? GVPO at lower
+rates and staleness 0, 1 and 4 (the staleness study's runs give LR)."""
 
 
 def overrides(method: str, staleness: int, lr: float, seed: int, start: Path, steps: int) -> list[str]:
@@ -65,13 +71,14 @@ def timed_curve(run_dir: Path, samples_per_step: int) -> list[tuple[int, float, 
 
     out, elapsed = [], 0.0
     for r in read_metrics(run_dir):
-        elapsed += r.get("time_step_s", 0.0) - r.get("time_eval_s", 0.0)  # evaluations are not training time
+        if "time_step_s" in r:  # the evaluation before step 1 has no step; evaluations are not training time
+            elapsed += r["time_step_s"] - r.get("time_eval_s", 0.0)
         if "eval_greedy" in r:
             out.append((r["step"] * samples_per_step, elapsed, r["eval_greedy"]))
     return out
 
 
-def report(runs: list[dict], variant: list[dict]) -> str:
+def report(runs: list[dict], variant: list[dict], by_lr: list[dict]) -> str:
     lines = ["# Stale samples: GVPO against GRPO and Dr. GRPO with and without importance correction", ""]
     if runs:
         methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
@@ -115,6 +122,22 @@ def report(runs: list[dict], variant: list[dict]) -> str:
               _rl.mean_std((r["grad_norm_max_over_median"] for r in rs), pct=False)]
              for (m, lr), rs in cells.items() if rs))
         lines.append("")
+    if by_lr:
+        lines += [
+            "## GVPO's response to staleness at lower learning rates", "",
+            f"GVPO as in the staleness study ({by_lr[0]['steps']} rollout steps), at lower learning rates; the "
+            f"rows at lr {LR:g} are the staleness study's runs. Mean ± std over seeds.",
+            "",
+        ]
+        cells = {(lr, s): [r for r in by_lr if r["lr"] == lr and r["staleness"] == s]
+                 for lr in sorted({r["lr"] for r in by_lr}) for s in sorted({r["staleness"] for r in by_lr})}
+        lines += _rl.markdown_table(
+            ["method", "lr", "staleness", "final accuracy", "collapsed", "KL to start", "mean staleness"],
+            ([LABELS["gvpo"], f"{lr:g}", str(s), _rl.mean_std(r["final_greedy"] for r in rs),
+              f"{sum(r['collapsed'] for r in rs)}/{len(rs)}", _rl.mean_std((r["kl_to_start"] for r in rs), pct=False),
+              _rl.mean_std((r["staleness_mean"] for r in rs), pct=False)]
+             for (lr, s), rs in cells.items() if rs))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -157,7 +180,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(STALENESS_METHODS), choices=list(METHODS))
     parser.add_argument("--staleness", nargs="+", type=int, default=list(STALENESS))
     parser.add_argument("--steps", type=int, default=STEPS, help="rollout steps per run (a quick look: fewer)")
-    parser.add_argument("--study", nargs="+", default=["staleness", "variant"], choices=["staleness", "variant"])
+    parser.add_argument("--study", nargs="+", default=["staleness", "variant", "lr"],
+                        choices=["staleness", "variant", "lr"])
     args = parser.parse_args()
     log = _rl.RunLog(args.out / "runs.jsonl", fresh=args.fresh)
     t0 = time.perf_counter()
@@ -167,6 +191,9 @@ def main() -> None:
         wanted += [("staleness", m, s, LR, seed) for seed in args.seeds for s in args.staleness for m in args.methods]
     if "variant" in args.study:
         wanted += [("variant", m, 0, lr, seed) for seed in args.seeds for lr in VARIANT_LRS for m in VARIANT_METHODS]
+    if "lr" in args.study:
+        wanted += [("lr", m, s, lr, seed) for seed in args.seeds for lr in LR_STUDY_LRS for s in LR_STUDY_STALENESS
+                   for m in LR_STUDY_METHODS]
     names = {w: f"{w[1]}_S{w[2]}_lr{w[3]:g}_seed{w[4]}" for w in wanted}
     todo = [w for w in wanted if names[w] not in log]
     samples_per_step = 2 * BATCH
@@ -187,10 +214,14 @@ def main() -> None:
     chosen = {names[w]: w[0] for w in wanted}
     runs = [r for r in log.runs.values() if chosen.get(r["name"]) == "staleness"]
     variant = [r for r in log.runs.values() if chosen.get(r["name"]) == "variant"]
+    by_lr = [r for r in log.runs.values() if chosen.get(r["name"]) == "lr"]
+    if by_lr:  # beside the staleness study's runs of the same methods at LR
+        by_lr += [r for r in log.runs.values() if r["lr"] == LR and r["method"] in LR_STUDY_METHODS
+                  and r["staleness"] in LR_STUDY_STALENESS and r["seed"] in args.seeds]
     if runs:
         plot(runs, args.out / "curves.png")
     print(f"this invocation: {time.perf_counter() - t0:.0f} s")
-    publish(report(runs, variant), args.out / "table.md")
+    publish(report(runs, variant, by_lr), args.out / "table.md")
 
 
 if __name__ == "__main__":

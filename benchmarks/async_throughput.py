@@ -37,9 +37,9 @@ from _common import REPO_ROOT, RESULTS, publish
 DEFAULT_OUT = RESULTS / "async_throughput.md"
 
 MODES = {"sync": ["rollout.mode=sync"],
-         "async S=1": ["rollout.mode=async", "rollout.max_staleness=1"],
+         "async S=1": ["rollout.mode=async", "rollout.max_staleness=1", "rollout.in_flight_updates=pause"],
          "async S=1 drain": ["rollout.mode=async", "rollout.max_staleness=1", "rollout.in_flight_updates=drain"],
-         "async S=2": ["rollout.mode=async", "rollout.max_staleness=2"]}
+         "async S=2": ["rollout.mode=async", "rollout.max_staleness=2", "rollout.in_flight_updates=pause"]}
 
 
 def run(overrides: list[str], steps: int, warmup: int) -> dict:

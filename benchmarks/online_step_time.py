@@ -1,9 +1,10 @@
 """Where an online GVPO step spends its time on the main job's tiny setup, how long the trainer waits, and what
 reproducible (seeded) sampling costs.
 
-What it measures: `megatron_gvpo.train` with configs/addition_gvpo.yaml (the main job: 32 prompts x 8 samples
-from one SGLang server on the CPU path, exact-match reward, a one-process Megatron trainer taking 2 optimizer
-steps per batch, distributed weight sync over gloo) for STEPS rollout steps in a fresh run directory, with
+What it measures: `megatron_gvpo.train` with configs/addition_gvpo.yaml in synchronous mode (the main job: 32
+prompts x 8 samples from one SGLang server on the CPU path, exact-match reward, a one-process Megatron trainer
+taking 2 optimizer steps per batch, distributed weight sync over gloo; `benchmarks/async_throughput.py` measures
+its asynchronous mode) for STEPS rollout steps in a fresh run directory, with
 evaluation only before the first and after the last step, twice: with `rollout.seeded` as the config has it
 and with the other setting (seeded: every sample drawn by SeededGumbel from (seed, step), one request per
 sample and SGLang's overlap schedule off; unseeded: SGLang's own sampler and RNG). From metrics.jsonl, per step:
@@ -52,7 +53,7 @@ def run(seeded: bool) -> list[dict]:
     try:
         cfg = load_config(Config, REPO_ROOT / "configs/addition_gvpo.yaml",
                           [f"run.dir={work}", f"train.steps={STEPS}", "rollout.eval_interval=0", "run.save_interval=0",
-                           f"rollout.seeded={str(seeded).lower()}"])
+                           f"rollout.seeded={str(seeded).lower()}", "rollout.mode=sync"])
         prepare(cfg)
         train(cfg)
         return [r for r in read_metrics(work) if "time_step_s" in r and r["step"] > WARMUP and "time_eval_s" not in r]

@@ -398,8 +398,8 @@ def test_write_offline_dataset_is_deterministic_and_scored(tmp_path, tok):
 def test_make_tiny_assets_is_idempotent_and_heldout_disjoint(tmp_path):
     out = tmp_path / "tiny"
     args = dict(digits=3, k=4, train_prompts=200, heldout_prompts=50, p_correct=0.5, seed=0)
-    first = addition.make_tiny_assets(out, force=False, **args)
-    assert all(line.startswith("wrote") for line in first) and len(first) == 5
+    first = addition.make_tiny_assets(out, force=False, online_prompts=300, **args)
+    assert all(line.startswith("wrote") for line in first) and len(first) == 6
     train_text = (out / "train.jsonl").read_text()
     assert all(line.startswith("kept") for line in addition.make_tiny_assets(out, force=False, **args))
     assert (out / "train.jsonl").read_text() == train_text
@@ -407,6 +407,9 @@ def test_make_tiny_assets_is_idempotent_and_heldout_disjoint(tmp_path):
     prompts = [json.loads(line)["prompt"] for name in ("train", "heldout")
                for line in (out / f"{name}.jsonl").read_text().splitlines()]
     assert len(set(prompts)) == len(prompts) == 250
+    online = [json.loads(line)["prompt"] for line in (out / "online_prompts.jsonl").read_text().splitlines()]
+    heldout = {json.loads(line)["prompt"] for line in (out / "heldout.jsonl").read_text().splitlines()}
+    assert len(set(online)) == len(online) == 300 and not heldout & set(online)
 
 
 def test_make_tiny_assets_script(tmp_path):
@@ -417,9 +420,10 @@ def test_make_tiny_assets_script(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "tools" / "make_tiny_assets.py"
     out = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "a"), "--train-prompts", "8",
-                          "--heldout-prompts", "4", "--digits", "2"], cwd=tmp_path, capture_output=True, text=True)
+                          "--heldout-prompts", "4", "--online-prompts", "16", "--digits", "2"], cwd=tmp_path,
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("wrote") == 5 and (tmp_path / "a" / "heldout.jsonl").is_file()
+    assert out.stdout.count("wrote") == 6 and (tmp_path / "a" / "heldout.jsonl").is_file()
     import json
 
     rows = [json.loads(line) for line in (tmp_path / "a" / "heldout_prompts.jsonl").read_text().splitlines()]

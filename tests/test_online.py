@@ -93,7 +93,7 @@ def assets(tmp_path_factory):
     from megatron_gvpo.data.addition import make_tiny_assets
 
     out = tmp_path_factory.mktemp("assets")
-    make_tiny_assets(out, digits=2, train_prompts=64, heldout_prompts=8)
+    make_tiny_assets(out, digits=2, train_prompts=64, heldout_prompts=8, online_prompts=64)
     return out
 
 
@@ -147,7 +147,7 @@ def online_run(run_dir, assets, steps, crash_at_call=0):
               "rollout.max_total_tokens=2048", "rollout.eval_interval=2", "model.seq_length=16",
               "prompts.max_prompt_tokens=8", "reward.kind=function",
               "reward.function=tests.test_online:response_length_crashing_the_server",
-              "rollout.source=mix", "rollout.replay_fraction=0.5", "train.lr=1e-2"])
+              "rollout.source=mix", "rollout.replay_fraction=0.5", "train.lr=1e-2", "rollout.mode=sync"])
     return True
 
 
@@ -193,7 +193,8 @@ def online_command(run_dir, assets, steps):
             "algo.group_size=4", "train.global_batch_size=16", "train.micro_batch_size=8",
             "rollout.max_new_tokens=6", "rollout.max_total_tokens=2048", "rollout.eval_interval=2",
             "model.seq_length=16", "prompts.max_prompt_tokens=8", "reward.kind=function",
-            "reward.function=tests.test_online:response_length_warning_once", "rollout.seeded=true", "train.lr=1e-2"]
+            "reward.function=tests.test_online:response_length_warning_once", "rollout.seeded=true", "train.lr=1e-2",
+            "rollout.mode=sync"]
 
 
 def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets, tmp_path):
@@ -255,7 +256,8 @@ def test_async_rollout_stays_within_its_staleness_loses_nothing_and_resumes_afte
 
     def command(run):
         return online_command(run, assets, steps) + [
-            "rollout.mode=async", f"rollout.max_staleness={bound}", "rollout.max_running_requests=2"]
+            "rollout.mode=async", f"rollout.max_staleness={bound}", "rollout.in_flight_updates=pause",
+            "rollout.max_running_requests=2"]
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(command(whole), cwd=REPO, env=env, check=True, capture_output=True)
@@ -292,7 +294,7 @@ def _attached_main(main, run_dir, assets, url, overrides=()):
           f"prompts.path={assets / 'train_prompts.jsonl'}", f"prompts.eval_path={assets / 'heldout_prompts.jsonl'}",
           "train.steps=1", "run.save_interval=0", "algo.group_size=4", "train.global_batch_size=16",
           "train.micro_batch_size=8", "rollout.max_new_tokens=6", "model.seq_length=16", "prompts.max_prompt_tokens=8",
-          "rollout.seeded=false", f"rollout.urls=[{url}]", *overrides])
+          "rollout.seeded=false", f"rollout.urls=[{url}]", "rollout.mode=sync", *overrides])
 
 
 def test_attached_servers_get_the_trainers_weights_before_the_first_request(gloo, assets, tmp_path):
@@ -349,7 +351,7 @@ def _online_moe_main(run_dir, assets, routing_replay):
           "rollout.max_new_tokens=6", "rollout.max_total_tokens=2048", "rollout.eval_interval=0",
           "model.seq_length=16", "prompts.max_prompt_tokens=8", "reward.kind=function",
           "reward.function=tests.test_online:response_length", "train.lr=1e-2", "moe.aux_loss_coeff=0.01",
-          f"rollout.routing_replay={str(routing_replay).lower()}"])
+          f"rollout.routing_replay={str(routing_replay).lower()}", "rollout.mode=sync"])
 
 
 def test_online_mixture_of_experts_with_routing_replay(gloo, assets, tmp_path):

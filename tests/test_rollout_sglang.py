@@ -203,12 +203,15 @@ def teacher_forced_logprobs(model, prompt: list[int], tokens: list[int]) -> torc
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
-def test_a_weight_update_in_flight_loses_no_request_and_moves_every_sample_to_the_new_weights(
-        server, model_dirs, ps, tmp_path):
-    """Asynchronous rollout's update (rollout/pipeline.py): generation paused in SGLang's 'retract' mode while a
-    rollout runs, new weights loaded, generation continued. Every request comes back once, complete, under the
-    new version, and each sample's log-probs are the old weights' up to the pause and the new weights' from
-    then on: its prefix is re-prefilled under the new weights, not decoded from the old weights' KV cache."""
+@pytest.mark.parametrize("in_flight_updates", ["pause", "drain"])
+def test_a_weight_update_in_flight_loses_no_request_and_lands_where_its_mechanism_says(
+        server, model_dirs, ps, tmp_path, in_flight_updates):
+    """Asynchronous rollout's two ways of updating weights while a rollout runs (rollout/pipeline.py). Every
+    request comes back once and complete either way.
+    - pause: generation paused in SGLang's 'retract' mode, new weights loaded, generation continued. Each sample
+      is under the new version, its log-probs the old weights' up to the pause and the new weights' from then
+      on: its prefix is re-prefilled under the new weights, not decoded from the old weights' KV cache.
+    - drain: the update waits for the requests in flight, which finish wholly under the old weights."""
     import time
 
     import transformers
@@ -225,16 +228,19 @@ def test_a_weight_update_in_flight_loses_no_request_and_moves_every_sample_to_th
     budget = 300
     client = SGLangClient([server.url], timeout_s=120)
     thread, out = generate_in_background(client, ps, SamplingParams(n=2, max_new_tokens=budget, ignore_eos=True))
+    pause = in_flight_updates == "pause"
     try:
         time.sleep(0.5)
         assert thread.is_alive(), "the rollout ended before the update: make it longer"
-        pause_generation([server.url])
+        if pause:
+            pause_generation([server.url])
         try:
             answer = _http(f"{server.url}/update_weights_from_disk",
                            {"model_path": str(tmp_path / "new"), "weight_version": "new", "flush_cache": True}, 120)
             assert answer["success"], answer
         finally:
-            continue_generation([server.url])
+            if pause:
+                continue_generation([server.url])
         thread.join(120)
     finally:  # the module's other tests expect the served model to be the initial one
         thread.join(120)
@@ -245,9 +251,13 @@ def test_a_weight_update_in_flight_loses_no_request_and_moves_every_sample_to_th
     assert [len(grp) for grp in groups] == [2, 2, 2]
     for prompt, grp in zip(ps, groups, strict=True):
         for x in grp:
-            assert x.finish_reason == "length" and len(x.token_ids) == budget and x.weight_version == "new"
+            assert x.finish_reason == "length" and len(x.token_ids) == budget
+            assert (x.weight_version == "new") == pause, x.weight_version
             got = torch.tensor(x.logprobs)
             before, after = (teacher_forced_logprobs(m, prompt, x.token_ids) for m in (old, new))
+            if not pause:
+                assert (got - before).abs().max() < 1e-3
+                continue
             switch = int((got - before).abs().gt(1e-3).int().argmax())  # the first token the old weights did not score
             assert 0 < switch < budget, "the update did not land mid-sample"
             assert (got[:switch] - before[:switch]).abs().max() < 1e-3

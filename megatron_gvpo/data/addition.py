@@ -150,11 +150,16 @@ def make_tiny_assets(
     p_correct: float = 0.5,
     seed: int = 0,
     force: bool = False,
+    online_prompts: int = 16384,
 ) -> list[str]:
     """The tiny CPU assets in `out`: tokenizer/, train.jsonl and heldout.jsonl (held-out prompts drawn with
     seed + 1, disjoint from the training prompts), and their prompts alone with answers as labels
     (train_prompts.jsonl, heldout_prompts.jsonl) for online training. Writes what is missing (everything with
-    `force`); returns one line per output saying what happened."""
+    `force`); returns one line per output saying what happened.
+
+    online_prompts.jsonl: `online_prompts` fresh problems (seed + 2, disjoint from the held-out prompts) for the
+    main job. Long online runs need many: on train_prompts.jsonl's 512 the main job sees each prompt every 16
+    steps, and held-out accuracy stalls while the rollout reward climbs (the policy learns those answers)."""
     out = Path(out)
     report = []
     tok_dir = out / "tokenizer"
@@ -185,4 +190,11 @@ def make_tiny_assets(
             report.append(f"wrote   {prompts} (the prompts of {groups.name}, labelled with their answers)")
         else:
             report.append(f"kept    {prompts} (exists; --force rewrites)")
+    online = out / "online_prompts.jsonl"
+    if force or not online.exists():
+        problems = make_problems(online_prompts, digits, seed=seed + 2, exclude=_read_prompts(heldout))
+        write_prompt_file(online, [prompt for prompt, _ in problems])
+        report.append(f"wrote   {online} ({online_prompts} prompts for online training, disjoint from held-out)")
+    else:
+        report.append(f"kept    {online} (exists; --force rewrites)")
     return report

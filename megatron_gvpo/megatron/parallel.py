@@ -131,8 +131,9 @@ def destroy_parallel(wait: bool = True) -> threading.Thread | None:
     5-13% each). So the references Megatron 0.16 itself keeps are dropped here too: module globals that
     `destroy_model_parallel` forgets (`_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP` and its gloo twin) and the
     `lru_cache` of the rotary embeddings' `forward`, which holds the last models' embeddings and their
-    `cp_group`, and the MoE router losses' tracker, whose entries keep their reduce groups. What the caller's own objects (a model, an optimizer: reference cycles) hold is freed once they
-    are garbage and collected (`gc.collect()`; the test pool's workers run one whenever they fall idle).
+    `cp_group`, and the MoE router losses' tracker, whose entries keep their reduce groups. What the caller's
+    own objects (a model, an optimizer: reference cycles) hold is freed once they are garbage and collected
+    (`gc.collect()`; the test pool's workers run one whenever they fall idle).
     """
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding

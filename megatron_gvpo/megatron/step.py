@@ -307,15 +307,15 @@ def forward_backward_gvpo(
     alike. The log-probs returned are sums either way."""
     n = batch["tokens"].shape[0]
     num_groups = num_valid_groups(batch["group_ids"])
-    lengths = batch["loss_mask"].sum(1).clamp(min=1).to(torch.float32)
     if length_normalized:
+        lengths = _response_lengths(batch)
         batch = {**batch, "ref_seq_logp": batch["ref_seq_logp"] / lengths, "response_lengths": lengths}
     micro = prepare_microbatches(batch, ctx, micro_batch_size, logprobs.packing, logprobs.pad_multiple)
     prepass_loss = None
     if strategy == "prepass":
         seq_logp = _microbatch_logprobs(chunks, micro, n, ctx, logprobs)  # the same split as the training pass
         if seq_logp is not None:
-            policy = seq_logp / lengths if length_normalized else seq_logp
+            policy = seq_logp / batch["response_lengths"] if length_normalized else seq_logp
             weights = gvpo_weights(policy, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta)
             sizes = make_groups(batch["group_ids"]).sample_sizes()
             prepass_loss = gvpo_loss(policy, batch["ref_seq_logp"], batch["rewards"], batch["group_ids"], beta,
@@ -330,6 +330,11 @@ def forward_backward_gvpo(
     if prepass_loss is not None:
         return {"loss": float(prepass_loss), "seq_logp": gather_rows(outputs, "seq_logp", n, ctx)}
     return _loss_and_logprobs(outputs, n, ctx)
+
+
+def _response_lengths(batch: dict) -> torch.Tensor:
+    """[N] float32 response tokens per row; an empty response counts 1 (its terms are 0 anyway)."""
+    return batch["loss_mask"].sum(1).clamp(min=1).to(torch.float32)
 
 
 def _loss_and_logprobs(outputs: list[dict], num_rows: int, ctx: ParallelContext) -> dict | None:
@@ -414,8 +419,7 @@ def forward_backward_policy_gradient(
         raise ValueError(f"unknown policy-gradient algorithm {algorithm!r} (grpo, dr_grpo)")
     n = batch["tokens"].shape[0]
     grpo = algorithm == "grpo"
-    lengths = (batch["loss_mask"].sum(1).clamp(min=1).float() if grpo
-               else torch.full((n,), float(length_constant)))
+    lengths = _response_lengths(batch) if grpo else torch.full((n,), float(length_constant))
     batch = {
         **batch,
         "advantages": group_advantages(batch["rewards"], batch["group_ids"], scale_by_std=grpo).float(),

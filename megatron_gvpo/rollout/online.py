@@ -486,9 +486,11 @@ class OnlineSource:
     def _sync(self, new: str) -> None:
         # Requests in flight wait in the servers' queues while the update runs (rollout/pipeline.py); without the
         # pause, SGLang's update waits for them to finish.
+        from megatron_gvpo.rollout.sglang import pause_generation
+
         pause = self.r.mode == "async" and self.r.in_flight_updates == "pause"
         if pause:
-            _on_rank0(self._pause_generation)
+            _on_rank0(pause_generation, self.urls, self.r.request_timeout_s)
         try:
             self._update(new)
         finally:
@@ -509,11 +511,6 @@ class OnlineSource:
             sync_weights_from_disk(e.chunks, self.arch, e.ctx, self.padded_vocab, self.urls,
                                    self.run_dir / "rollout_weights", self.run_dir / "rollout_init", new,
                                    timeout_s=self.r.request_timeout_s)
-
-    def _pause_generation(self) -> None:
-        from megatron_gvpo.rollout.sglang import pause_generation
-
-        pause_generation(self.urls, self.r.request_timeout_s)
 
     def _continue_generation(self) -> None:
         """Rank 0, after an update (or a failed one): a server left paused would hold its requests forever."""

@@ -30,7 +30,10 @@ short samples a step, nearly all of them reached by an update) that made rollout
 the update wait for the requests in flight (`rollout.in_flight_updates: drain`, SGLang's default: the update
 takes its model lock once they finish; no sample spans versions, caches survive, and the trainer waits in the
 sync rather than for its next batch, which it would have waited for anyway while generation is the slower
-side). With S >= 2, draining holds the sync until the step generated furthest ahead is done.
+side). With S >= 2, draining holds the sync until the step generated furthest ahead is done. With S = 1 and
+`drain`, the weights that generate each step are fixed (step t + 1's, version t - 1), so a `rollout.seeded` run
+reproduces (two 40-step runs of the main job gave identical metrics); with `pause`, where an update lands in a
+sample depends on timing.
 
 `RolloutPipeline` is the producer on global rank 0: one thread generates and scores the submitted rollout
 steps in order, while the main thread trains and syncs. The other ranks draw the same prompts (the sampler
