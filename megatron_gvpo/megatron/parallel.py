@@ -133,7 +133,8 @@ def destroy_parallel(wait: bool = True) -> threading.Thread | None:
     `lru_cache` of the rotary embeddings' `forward`, which holds the last models' embeddings and their
     `cp_group`, and the MoE router losses' tracker, whose entries keep their reduce groups. What the caller's
     own objects (a model, an optimizer: reference cycles) hold is freed once they are garbage and collected
-    (`gc.collect()`; the test pool's workers run one whenever they fall idle).
+    (`gc.collect()`; the test pool's workers run one whenever they fall idle), as long as no cycle runs through
+    autograd's C++ nodes, which the collector cannot see (`step._drop_forward_state`).
     """
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import YarnRotaryEmbedding

@@ -231,7 +231,7 @@ def run_schedule(
     seq_length = max(mb["tokens"].shape[1] for mb in micro_batches) * cp_size
     # Each virtual stage consumes the micro-batches in order through its own iterator.
     iterators = [iter(micro_batches) for _ in chunks]
-    return get_forward_backward_func()(
+    outputs = get_forward_backward_func()(
         forward_step_func=partial(forward_step, head=head),
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks,
@@ -240,6 +240,22 @@ def run_schedule(
         micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
+    _drop_forward_state(chunks)
+    return outputs
+
+
+def _drop_forward_state(chunks: list) -> None:
+    """Drop the tensors that modules keep from their last forward with its autograd graph (the MoE token
+    dispatcher keeps the router's `probs`). That graph reaches the parameters' gradient accumulators, whose
+    hooks (DDP's) hold the model: a cycle through autograd's C++ nodes, which Python's garbage collector
+    cannot see. A discarded model would then live, with every process group it holds (their gloo threads
+    polling), as long as the process."""
+    modules = [module for chunk in chunks for module in chunk.modules()]
+    dispatchers = [m.token_dispatcher for m in modules if hasattr(m, "token_dispatcher")]  # no modules themselves
+    for owner in modules + dispatchers:
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(owner, name, None)
 
 
 def gather_rows(outputs: list[dict], key: str, num_rows: int, ctx: ParallelContext) -> torch.Tensor | None:
