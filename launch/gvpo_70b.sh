@@ -28,7 +28,8 @@
 #                           Dockerfile's image; CONTAINER_MOUNTS (default: this directory). srun does not exist
 #                           inside a pyxis container, so the launcher stays on the host, where it needs only
 #                           the standard library of PYTHON
-#   PYTHON                  the launcher's interpreter (default python3)
+#   PYTHON                  the launcher's interpreter, which runs every node's commands too (default: .venv/bin/python
+#                           where tools/setup_venv.sh made it, else python3)
 #   DRY_RUN=1               pass --dry-run
 #
 # Pre-emption and the time limit: SLURM sends SIGUSR1 300 s ahead to this batch shell, and `exec` makes the
@@ -42,4 +43,7 @@ args=(--config "$CONFIG")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     args+=(--dry-run)
 fi
-exec "${PYTHON:-python3}" -m megatron_gvpo.launch "${args[@]}" "$@"
+if [[ -z ${PYTHON:-} ]]; then  # the repository's environment (tools/setup_venv.sh) where there is one
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+exec "$PYTHON" -m megatron_gvpo.launch "${args[@]}" "$@"

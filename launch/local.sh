@@ -17,4 +17,7 @@ args=(--local --config "$CONFIG")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     args+=(--dry-run)
 fi
-exec "${PYTHON:-python3}" -m megatron_gvpo.launch "${args[@]}" "$@"
+if [[ -z ${PYTHON:-} ]]; then  # the repository's environment (tools/setup_venv.sh) where there is one
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+exec "$PYTHON" -m megatron_gvpo.launch "${args[@]}" "$@"

@@ -25,9 +25,10 @@ Order: validate the config against the allocation, run the planner (`python -m m
 exit aborts with its output, --skip-plan skips it), start the servers, wait for their /health (deadline
 rollout.startup_timeout_s), start the router and wait for it, start the trainer. Every command runs as
 `srun --nodes=1 --ntasks=1 --nodelist=HOST --overlap ... bash -c 'exec env VARS COMMAND' > LOG 2>&1` (with
---local: the `bash -c` part on this machine). SIGUSR1 (SLURM's warning before the time limit, --signal=B:USR1)
-goes to the trainer, which checkpoints and stops; SIGTERM, which SLURM sends to every job step itself, is
-forwarded only with --local. The launcher then stops the servers and exits with the trainer's status.
+--local: the `bash -c` part on this machine); each log's first line is `launch: ` and that command, the dry run's
+with its wrapping (tests/test_slurm.py compares them). SIGUSR1 (SLURM's warning before the time limit,
+--signal=B:USR1) goes to the trainer, which checkpoints and stops; SIGTERM, which SLURM sends to every job step
+itself, is forwarded only with --local. The launcher then stops the servers and exits with the trainer's status.
 
 Containers (pyxis). With CONTAINER_IMAGE set every srun gets --container-image, --container-mounts
 (CONTAINER_MOUNTS, default: the working directory) and --container-workdir. srun does not exist inside a pyxis
@@ -78,8 +79,8 @@ STOP_GRACE_S = 30.0
 DEFAULT_ENV = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a failed or timed-out collective aborts and exits, never hangs
     "TORCH_NCCL_BLOCKING_WAIT": "0",
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000",  # flight recorder: the last collectives of each rank, for hangs
-    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ... written out on a timeout (to TORCH_NCCL_DEBUG_INFO_TEMP_FILE)
+    "TORCH_FR_BUFFER_SIZE": "20000",  # flight recorder: the last collectives of each rank, for hangs
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ... written out on a timeout (to TORCH_FR_DUMP_TEMP_FILE)
     "NCCL_DEBUG": "WARN",
     "NCCL_IB_TIMEOUT": "22",  # 4.096 us * 2^22 = 17 s per InfiniBand retry: rides out a short link flap
     "PYTHONUNBUFFERED": "1",  # logs reach <host>.<role>.log as they are written
@@ -258,8 +259,7 @@ def check_layout(cfg, alloc: Allocation) -> None:
 def common_env(environ, run_dir: str) -> tuple[dict[str, str], list[str]]:
     """(the environment of every command, notes for the plan)."""
     env = {k: environ.get(k) or v for k, v in DEFAULT_ENV.items()}
-    env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = (environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
-                                              or f"{run_dir}/logs/flight_recorder/rank_")
+    env["TORCH_FR_DUMP_TEMP_FILE"] = environ.get("TORCH_FR_DUMP_TEMP_FILE") or f"{run_dir}/logs/flight_recorder/rank_"
     notes = []
     for name in INTERFACE_VARS:
         if environ.get(name):
@@ -271,18 +271,19 @@ def common_env(environ, run_dir: str) -> tuple[dict[str, str], list[str]]:
     return env, notes
 
 
-def sglang_argv(cfg, model_dir: str, port: int, seed: int) -> list[str]:
-    """One SGLang server on the GPUs it is given (the GPU flags of rollout.sglang.SGLangServer.command(), which
-    adds CPU flags on machines without CUDA, such as the one a dry run may run on). It starts with random weights
+def sglang_argv(cfg, model_dir: str, port: int, seed: int, python: str) -> list[str]:
+    """One SGLang server on the GPUs it is given: GPU flags, which `megatron_gvpo.rollout.serve` adapts on a node
+    without CUDA (the plan is made where the dry run runs, often a login node). It starts with random weights
     of model_dir's architecture (--load-format dummy): the trainer loads its own (model.load, a resumed
     checkpoint, ...) into every server before the first rollout, so nothing here has to match them, and no
     rollout node reads a 140 GB checkpoint just to have it overwritten."""
     from megatron_gvpo.plan import SERVER_MEM_FRACTION  # the planner's KV-cache budget assumes it
+    from megatron_gvpo.rollout.sglang import IDLE_FLAGS
 
     r = cfg.rollout
-    argv = ["python", "-m", "sglang.launch_server", "--model-path", model_dir, "--load-format", "dummy",
+    argv = [python, "-m", "megatron_gvpo.rollout.serve", "--model-path", model_dir, "--load-format", "dummy",
             "--host", "0.0.0.0", "--port", str(port), "--tp-size", str(r.server_tp), "--random-seed", str(seed),
-            "--dtype", cfg.model.dtype, "--mem-fraction-static", str(SERVER_MEM_FRACTION)]
+            "--dtype", cfg.model.dtype, "--mem-fraction-static", str(SERVER_MEM_FRACTION), *IDLE_FLAGS]
     if cfg.model.tokenizer:
         argv += ["--tokenizer-path", cfg.model.tokenizer]
     if r.seeded:  # SGLang honours per-request seeds on GPU only in its deterministic mode (rollout/sglang.py)
@@ -294,24 +295,28 @@ def sglang_argv(cfg, model_dir: str, port: int, seed: int) -> list[str]:
     return argv
 
 
-def router_argv(worker_urls: list[str]) -> list[str]:
+def router_argv(worker_urls: list[str], python: str) -> list[str]:
     """sglang-router in front of the servers; round_robin, as rollout/router.py explains."""
-    return ["python", "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", "0.0.0.0",
+    return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--host", "0.0.0.0",
             "--port", str(ROUTER_PORT), "--policy", "round_robin", "--prometheus-host", "0.0.0.0",
             "--prometheus-port", str(ROUTER_METRICS_PORT), "--log-level", "warn"]
 
 
 def trainer_argv(trainers: list[str], gpus_per_node: int, alloc: Allocation, config_path: str,
-                 overrides: list[str]) -> list[str]:
-    return ["torchrun", "--nnodes", str(len(trainers)), "--nproc-per-node", str(gpus_per_node),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{trainers[0]}:{alloc.rdzv_port}", "--rdzv-id", alloc.job_id,
+                 overrides: list[str], python: str) -> list[str]:
+    return [python, "-m", "torch.distributed.run", "--nnodes", str(len(trainers)),  # torchrun, under `python`
+            "--nproc-per-node", str(gpus_per_node), "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{trainers[0]}:{alloc.rdzv_port}", "--rdzv-id", alloc.job_id,
             "--signals-to-handle", TRAINER_SIGNALS, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
             "-m", "megatron_gvpo.train", "--config", config_path] + (["--set", *overrides] if overrides else [])
 
 
-def build_plan(cfg, alloc: Allocation, config_path: str, overrides: list[str], environ) -> Plan:
+def build_plan(cfg, alloc: Allocation, config_path: str, overrides: list[str], environ,
+               python: str = sys.executable) -> Plan:
     """Every process of the run, per node in nodelist order (servers, router, trainer). `overrides` are the
-    `--set` values the config was loaded with; the trainer gets them plus rollout.urls."""
+    `--set` values the config was loaded with; the trainer gets them plus rollout.urls. `python` runs every
+    command: this interpreter (the project's environment, on a file system the nodes share), or the image's
+    `python` in a container."""
     check_layout(cfg, alloc)
     c, r = cfg.cluster, cfg.rollout
     logs = f"{cfg.run.dir}/logs"
@@ -324,19 +329,19 @@ def build_plan(cfg, alloc: Allocation, config_path: str, overrides: list[str], e
         for i in range(c.gpus_per_node // r.server_tp):
             url = f"http://{host}:{SERVER_PORT + i}"
             gpus = ",".join(str(g) for g in range(i * r.server_tp, (i + 1) * r.server_tp))
-            argv = sglang_argv(cfg, model_dir, SERVER_PORT + i, seed=cfg.run.seed + len(urls))
+            argv = sglang_argv(cfg, model_dir, SERVER_PORT + i, seed=cfg.run.seed + len(urls), python=python)
             per_host[host].append(Process(host, f"sglang-{i}", argv, {"CUDA_VISIBLE_DEVICES": gpus},
                                           f"{logs}/{host}.sglang-{i}.log", url))
             urls.append(url)
     if rollout:
-        per_host[rollout[0]].append(Process(rollout[0], "router", router_argv(urls), {},
+        per_host[rollout[0]].append(Process(rollout[0], "router", router_argv(urls, python), {},
                                             f"{logs}/{rollout[0]}.router.log", f"http://{rollout[0]}:{ROUTER_PORT}"))
         notes.append(f"the SGLang servers start with random weights of {model_dir}'s architecture; the trainer "
                      f"loads its own into them (rollout.weight_sync={r.weight_sync!r}) before the first rollout")
     train_overrides = list(overrides) + ([f"rollout.urls=[{','.join(urls)}]"] if urls else [])
     for host in trainers:
-        per_host[host].append(Process(host, "trainer", trainer_argv(trainers, c.gpus_per_node, alloc, config_path,
-                                                                    train_overrides), {}, f"{logs}/{host}.trainer.log"))
+        argv = trainer_argv(trainers, c.gpus_per_node, alloc, config_path, train_overrides, python)
+        per_host[host].append(Process(host, "trainer", argv, {}, f"{logs}/{host}.trainer.log"))
     return Plan(alloc.job_id, alloc.nodes, c.gpus_per_node, trainers, rollout, cfg.run.dir, env,
                 [p for host in alloc.nodes for p in per_host[host]], r.startup_timeout_s, alloc.cpus_per_node, notes,
                 files)
@@ -487,9 +492,11 @@ def _log_tail(path: str, lines: int = 30) -> str:
 
 
 def _start(proc: Process, plan: Plan, container: Container | None, local: bool) -> subprocess.Popen:
+    argv = wrap(proc, plan.env, plan.cpus_per_node, container, local)
     with open(proc.log, "ab") as log:
-        popen = subprocess.Popen(wrap(proc, plan.env, plan.cpus_per_node, container, local), stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.write(f"launch: {shlex.join(argv)}\n".encode())  # what ran, beside what it wrote
+        log.flush()
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     print(f"launch: started {proc.role} on {proc.host} (log {proc.log})", flush=True)
     return popen
 
@@ -614,11 +621,11 @@ def run_planner(config: str | None, overrides: list[str], nodes: int, gpus_per_n
     return done.stdout
 
 
-def make_plan(args, alloc: Allocation, overrides: list[str], environ) -> Plan:
+def make_plan(args, alloc: Allocation, overrides: list[str], environ, python: str) -> Plan:
     from megatron_gvpo.config import Config, load_config
 
     cfg = load_config(Config, args.config, overrides)
-    plan = build_plan(cfg, alloc, args.config, overrides, environ)
+    plan = build_plan(cfg, alloc, args.config, overrides, environ, python)
     if not args.skip_plan:
         plan.planner_output = run_planner(args.config, overrides, cfg.cluster.nodes, cfg.cluster.gpus_per_node)
     return plan
@@ -667,7 +674,8 @@ def main(argv: list[str] | None = None, environ=None) -> int:
         if container and not (args.dry_run or args.json):
             plan = plan_in_container(args, alloc, container, environ)
         else:
-            plan = make_plan(args, alloc, overrides, environ)
+            # In the image its own `python`: the host's interpreter (this one) is not there.
+            plan = make_plan(args, alloc, overrides, environ, "python" if container else sys.executable)
     except ValueError as e:
         print(f"launch: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ a number of lines, then signal it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -53,3 +54,21 @@ def assert_no_known_notices(log: str) -> None:
     from megatron_gvpo.utils.logging import KNOWN_NOTICES
 
     assert not [n.message for n in KNOWN_NOTICES if n.message in log], log
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(want: list[dict], got: list[dict], context="") -> None:
+    """Two runs' metrics.jsonl records are the same run: the same steps and keys, strings and counts exactly,
+    floats to 1e-5 relative; timings (time_*) aside."""
+    import pytest
+
+    assert [r["step"] for r in got] == [r["step"] for r in want], context
+    for w, g in zip(want, got):
+        w, g = ({k: v for k, v in r.items() if not k.startswith("time_")} for r in (w, g))
+        assert g.keys() == w.keys(), (g["step"], context)
+        for key, value in w.items():
+            assert g[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), \
+                (g["step"], key, context)

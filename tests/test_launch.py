@@ -29,9 +29,11 @@ from megatron_gvpo import launch
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+PYTHON = sys.executable
+"""The scripts' launcher's interpreter (PYTHON), which runs every command."""
 CONFIG = "tests/data/cluster_8x8.yaml"
 SKIP_PLAN = [] if (REPO / "megatron_gvpo" / "plan.py").exists() else ["--skip-plan"]
-ENV_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_BLOCKING_WAIT=0", "TORCH_NCCL_TRACE_BUFFER_SIZE=20000",
+ENV_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_BLOCKING_WAIT=0", "TORCH_FR_BUFFER_SIZE=20000",
             "TORCH_NCCL_DUMP_ON_TIMEOUT=1", "NCCL_DEBUG=WARN", "NCCL_IB_TIMEOUT=22")
 
 
@@ -68,8 +70,9 @@ def test_expand_nodelist_rejects(nodelist):
 
 def _script_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "GLOO_", "TORCH_NCCL_"))
-           and k not in ("MASTER_PORT", "CONTAINER_IMAGE", "CONTAINER_MOUNTS", "GVPO_RUN_DIR", "PYTHON")}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", DRY_RUN="1", **extra)
+           and k not in ("MASTER_PORT", "CONTAINER_IMAGE", "CONTAINER_MOUNTS", "GVPO_RUN_DIR")}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1", DRY_RUN="1", PYTHON=PYTHON,
+               **extra)
     return env
 
 
@@ -94,9 +97,9 @@ def _blocks(output: str) -> dict[str, dict]:
 
 
 def _server(run_dir: Path, port: int, tp: int, gpus: str, seed: int) -> str:
-    return (f"CUDA_VISIBLE_DEVICES={gpus} python -m sglang.launch_server --model-path {run_dir}/rollout_model "
+    return (f"CUDA_VISIBLE_DEVICES={gpus} {PYTHON} -m megatron_gvpo.rollout.serve --model-path {run_dir}/rollout_model "
             f"--load-format dummy --host 0.0.0.0 --port {port} --tp-size {tp} --random-seed {seed} --dtype bfloat16 "
-            f"--mem-fraction-static 0.85 --tokenizer-path /models/Meta-Llama-3-70B-Instruct")
+            f"--mem-fraction-static 0.85 --sleep-on-idle --tokenizer-path /models/Meta-Llama-3-70B-Instruct")
 
 
 @pytest.mark.parametrize("server_tp", [8, 4])
@@ -115,11 +118,12 @@ def test_gvpo_70b_dry_run(tmp_path, server_tp):
     rollout = ["gpu-05", "gpu-06", "gpu-07", "gpu-08"]
     urls = [f"http://{host}:{30000 + i}" for host in rollout for i in range(per_node)]
     user_sets = [f"rollout.server_tp={server_tp}"] if server_tp != 8 else []
-    trainer = (f"torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint gpu-01:29500 "
-               f"--rdzv-id 42 --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 240 "
+    trainer = (f"{PYTHON} -m torch.distributed.run --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d "
+               f"--rdzv-endpoint gpu-01:29500 --rdzv-id 42 --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
+               f"--shutdown-timeout 240 "
                f"-m megatron_gvpo.train --config {CONFIG} --set {' '.join(user_sets + [f'run.dir={run_dir}'])} "
                f"'rollout.urls=[{','.join(urls)}]'")
-    router = (f"python -m sglang_router.launch_router --worker-urls {' '.join(urls)} --host 0.0.0.0 --port 28000 "
+    router = (f"{PYTHON} -m sglang_router.launch_router --worker-urls {' '.join(urls)} --host 0.0.0.0 --port 28000 "
               f"--policy round_robin --prometheus-host 0.0.0.0 --prometheus-port 28001 --log-level warn")
     expected = {}
     for host in ("gpu-01", "gpu-02", "gpu-03", "gpu-04"):
@@ -138,7 +142,7 @@ def test_gvpo_70b_dry_run(tmp_path, server_tp):
     env_lines = [line.strip() for line in out.splitlines() if line.startswith("  ") and "=" in line
                  and not line.startswith("   ") and ": " not in line]
     assert set(ENV_VARS) <= set(env_lines)
-    assert f"TORCH_NCCL_DEBUG_INFO_TEMP_FILE={run_dir}/logs/flight_recorder/rank_" in env_lines
+    assert f"TORCH_FR_DUMP_TEMP_FILE={run_dir}/logs/flight_recorder/rank_" in env_lines
     if interfaces:
         assert "NCCL_SOCKET_IFNAME=ib0" in env_lines
         assert "note: GLOO_SOCKET_IFNAME unset" in out
@@ -178,8 +182,9 @@ def test_local_dry_run():
     host = socket.gethostname()
     assert _blocks(done.stdout) == {host: {
         "kind": "trainer",
-        "trainer": f"torchrun --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint {host}:29500 "
-                   "--rdzv-id local --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 240 "
+        "trainer": f"{PYTHON} -m torch.distributed.run --nnodes 1 --nproc-per-node 2 --rdzv-backend c10d "
+                   f"--rdzv-endpoint {host}:29500 --rdzv-id local --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,"
+                   "SIGUSR1 --shutdown-timeout 240 "
                    "-m megatron_gvpo.train --config configs/tiny_cpu.yaml --set cluster.nodes=1 "
                    "cluster.rollout_nodes=0 cluster.gpus_per_node=2",
         "trainer.log": f"runs/tiny_cpu/logs/{host}.trainer.log",
@@ -290,14 +295,15 @@ def _launch(plan_path: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+def _wait_for(path: Path, line: str, process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Until `line` is a line of `path` (the log's first, the command, holds the stand-ins' source)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text():
+        if path.exists() and line in path.read_text().splitlines():
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.1)
-    raise AssertionError(f"{text!r} never appeared in {path}")
+    raise AssertionError(f"{line!r} never appeared in {path}")
 
 
 def _answers(port: int) -> bool:
@@ -385,3 +391,26 @@ def test_shell_scripts_lint(script):
 def test_dockerfile_lint():
     done = subprocess.run([_tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_launched_server_adapts_to_the_node_it_lands_on():
+    """`megatron_gvpo.rollout.serve`: the planned GPU command unchanged where CUDA is; without it SGLang's CPU
+    flags, seeded sampling by logit processor instead of deterministic inference, and the CPU environment. On
+    both, torchrun's variables are dropped (a server started under torchrun would join the trainer's rendezvous).
+    tests/test_slurm.py runs the CPU case for real."""
+    from megatron_gvpo.rollout import serve
+    from megatron_gvpo.rollout.sglang import CPU_FLAGS, CPU_STUBS, PROCESSOR_SEEDING_FLAGS, REPO_ROOT
+
+    planned = ["--model-path", "m", "--port", "30000", "--enable-deterministic-inference", "--dtype", "float32"]
+    environ = {"PATH": "/bin", "RANK": "1", "MASTER_ADDR": "n1", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    args, env = serve.adapt(planned, environ, cuda=True)
+    assert args == planned
+    assert env["PATH"] == "/bin" and not {"RANK", "MASTER_ADDR", "TORCHELASTIC_USE_AGENT_STORE"} & env.keys()
+    assert "PYTHONPATH" not in env and "OMP_NUM_THREADS" not in env
+    args, env = serve.adapt(planned, environ, cuda=False)
+    assert args == [a for a in planned if a != "--enable-deterministic-inference"] + [*CPU_FLAGS,
+                                                                                     *PROCESSOR_SEEDING_FLAGS]
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(CPU_STUBS), str(REPO_ROOT)]
+    assert env["OMP_NUM_THREADS"] == "1" and "RANK" not in env
+    args, env = serve.adapt(planned[:4], environ, cuda=False)  # unseeded: no processor, no repository on the path
+    assert args == planned[:4] + list(CPU_FLAGS) and env["PYTHONPATH"] == str(CPU_STUBS)

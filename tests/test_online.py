@@ -207,7 +207,8 @@ def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets,
     import random
     import subprocess
 
-    from tests.processes import assert_no_known_notices, assert_quiet, signal_after_lines
+    from tests.processes import (assert_no_known_notices, assert_quiet, assert_same_run, metrics_records,
+                                 signal_after_lines)
 
     pytest.importorskip("sglang")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -224,16 +225,9 @@ def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets,
     for run_dir in (whole, killed):
         assert_no_known_notices((run_dir / "logs" / "sglang_0.log").read_text())
 
-    def records(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    want, got = records(whole), records(killed)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3, 4], lines
-    for w, g in zip(want, got):
-        w, g = ({k: v for k, v in r.items() if not k.startswith("time_")} for r in (w, g))
-        assert g.keys() == w.keys(), (g["step"], lines)
-        for key, value in w.items():  # strings and counts exactly, floats to 1e-5 relative
-            assert g[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), (key, lines)
+    want, got = metrics_records(whole), metrics_records(killed)
+    assert [r["step"] for r in want] == [0, 1, 2, 3, 4], lines
+    assert_same_run(want, got, lines)
     assert want[2]["kl_to_start"] > 0 and want[4]["reward_mean"] != want[1]["reward_mean"]
 
 

@@ -105,6 +105,24 @@ def test_grouped_sampling_is_distinct_and_ordered_and_refuses_an_ignored_seed(se
         client.generate(ps, SamplingParams(n=4, temperature=1.0, max_new_tokens=6, seed=1))
 
 
+def test_an_idle_server_costs_no_cpu(server, ps):
+    """Between requests (the trainer's whole step, the rest of a test session) the server's processes wait on
+    their sockets (`IDLE_FLAGS`): under 10% of a core all together, where the scheduler alone spun at 94%."""
+    import time
+
+    import psutil
+
+    from tests.test_gloo_pool import cpu_seconds
+
+    SGLangClient([server.url]).generate(ps, SamplingParams(n=2, temperature=1.0, max_new_tokens=4))
+    tree = [server.process.pid] + [p.pid for p in psutil.Process(server.process.pid).children(recursive=True)]
+    time.sleep(2.0)  # past the request's own tail (detokenizing, the scheduler's last loop)
+    before = [cpu_seconds(pid) for pid in tree]
+    time.sleep(2.0)
+    cost = sum(cpu_seconds(pid) - b for pid, b in zip(tree, before)) / 2.0
+    assert cost < 0.1, f"an idle server used {cost:.2f} cores"
+
+
 def test_unreachable_server_is_retried_elsewhere_then_fails_clearly(server, ps):
     from megatron_gvpo.utils.distributed import free_port
 

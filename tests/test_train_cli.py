@@ -171,6 +171,40 @@ def test_checkpoint_results_manager_survives_preemption_signals_and_dies_with_th
         trainer.kill()
 
 
+MANAGER_UNDER_FIRE_SCRIPT = """
+import os, signal, threading, time
+from megatron_gvpo.megatron import checkpoint
+received = []
+signal.signal(signal.SIGUSR1, lambda *a: received.append(1))
+starting = threading.Event()
+def fire():  # torchrun's pre-emption signal, to the whole process group, all through the manager's start
+    starting.wait()
+    while starting.is_set():
+        os.killpg(os.getpgrp(), signal.SIGUSR1)
+        time.sleep(0.005)
+threading.Thread(target=fire, daemon=True).start()
+starting.set()
+checkpoint._results_queue_that_dies_with_us()
+starting.clear()
+time.sleep(0.5)
+checkpoint._results_manager.Queue().put(1)  # the manager still answers
+print(len(received) > 0, checkpoint._results_manager._process.exitcode, flush=True)
+"""
+
+
+def test_checkpoint_results_manager_survives_a_preemption_signal_while_it_starts():
+    """The first save starts the manager, and that is where a pre-empted trainer often is: a signal to the
+    process group while the manager's process starts, before it can ignore the signal, killed it (the save then
+    failed with EOFError). The trainer still gets the signal."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MANAGER_UNDER_FIRE_SCRIPT], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, start_new_session=True)  # its own process group to fire at
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "None"], done.stdout + done.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------
 # User errors: one line naming the field, exit status 2
 # ---------------------------------------------------------------------------------------------------------

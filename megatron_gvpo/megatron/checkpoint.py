@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,8 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
 
 
 _results_manager = None
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""What torchrun forwards to a rank's whole process group when SLURM pre-empts or stops the job."""
 
 
 def _results_queue_that_dies_with_us() -> None:
@@ -130,7 +133,12 @@ def _results_queue_that_dies_with_us() -> None:
     a trainer killed with SIGKILL left the manager running for good, holding the trainer's stdout (whoever
     waited for the trainer's output hung); and torchrun forwards SLURM's pre-emption signal (SIGUSR1/SIGTERM)
     to each rank's whole process group, which killed the manager, so the checkpoint that signal asks for
-    failed. Started here instead, the manager ignores those signals and is SIGKILLed when the trainer dies."""
+    failed. Started here instead, the manager ignores those signals and is SIGKILLed when the trainer dies.
+
+    The signals are blocked from before the manager's process exists until its initializer ignores them (it
+    inherits the mask through fork and exec): the first save is where a pre-empted trainer often is, and a signal
+    while the manager started still killed it (measured on the SLURM test bed, tests/test_slurm.py). The trainer
+    receives what came meanwhile once the manager runs."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
@@ -139,17 +147,20 @@ def _results_queue_that_dies_with_us() -> None:
     global _results_manager
     if filesystem_async._results_queue is None:
         _results_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        _results_manager.start(initializer=_results_manager_init)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            _results_manager.start(initializer=_results_manager_init)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         filesystem_async._results_queue = _results_manager.Queue()
 
 
 def _results_manager_init() -> None:
-    import signal
-
     from megatron_gvpo.utils.process import die_with_parent
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # what came while it started is now ignored
     die_with_parent(signal.SIGKILL)  # SIGTERM is ignored now
 
 

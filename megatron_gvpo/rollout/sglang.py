@@ -55,6 +55,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU_STUBS = Path(__file__).resolve().parent / "cpu_stubs"
 """Import-only stand-ins for modules SGLang imports but never calls on its CPU path (README inside)."""
 CPU_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch")
+TORCHRUN_VARS = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                           "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"})
+IDLE_FLAGS = ("--sleep-on-idle",)
+"""An idle scheduler waits on its sockets instead of spinning: without it every server pins a core at 100% between
+requests (measured: an idle test server took 94% of one of CI's two cores for the rest of the session; the
+trainer, stepping while its server idles, lost a core to it)."""
+PROCESSOR_SEEDING_FLAGS = ("--enable-custom-logit-processor", "--disable-overlap-schedule")
+"""Seeded sampling where deterministic inference is unavailable (`SGLangServerConfig.custom_logit_processor`)."""
 
 
 @dataclass
@@ -320,11 +328,11 @@ class SGLangServer(SupervisedProcess):
         c = self.cfg
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", c.model_path, "--host", c.host,
                "--port", str(self.port), "--tp-size", str(c.tp), "--random-seed", str(c.random_seed),
-               "--weight-version", c.weight_version]
+               "--weight-version", c.weight_version, *IDLE_FLAGS]
         if c.deterministic:
             cmd += ["--enable-deterministic-inference"]
         if c.custom_logit_processor:
-            cmd += ["--enable-custom-logit-processor", "--disable-overlap-schedule"]
+            cmd += list(PROCESSOR_SEEDING_FLAGS)
         if c.return_routed_experts:
             cmd += ["--enable-return-routed-experts"]
         if c.mem_fraction_static is not None:
@@ -361,16 +369,24 @@ class SGLangServer(SupervisedProcess):
         return f"stopped (exit status {self.process.returncode}): {child}"
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, **self.cfg.env}
-        # The notices each of its processes prints at import (CPU platform, Megatron-FSDP without Apex), every
-        # time it starts: silenced as in our own processes (utils/logging.py).
-        env["PYTHONWARNINGS"] = known_notices_env(env, cpu=not _cuda_available())
-        if self.cfg.custom_logit_processor:  # the seeded sampler is passed by reference (rollout/seeded.py)
-            _prepend_path(env, REPO_ROOT)
-        if not _cuda_available():
-            env.setdefault("OMP_NUM_THREADS", "1")  # torch_native attention stalls with 2 threads on 2 cores
-            _prepend_path(env, CPU_STUBS)
-        return env
+        return server_environment({**os.environ, **self.cfg.env}, cpu=not _cuda_available(),
+                                  custom_logit_processor=self.cfg.custom_logit_processor)
+
+
+def server_environment(env: dict[str, str], *, cpu: bool, custom_logit_processor: bool) -> dict[str, str]:
+    """`env` as an SGLang server of this project runs with (also `megatron_gvpo.rollout.serve`, the launcher's)."""
+    # torchrun's variables describe the trainer's world: a server the trainer starts under torchrun would join
+    # that rendezvous (its agent's store, MASTER_ADDR/PORT) for its own process group and hang at start-up.
+    env = {k: v for k, v in env.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+    # The notices each of its processes prints at import (CPU platform, Megatron-FSDP without Apex), every
+    # time it starts: silenced as in our own processes (utils/logging.py).
+    env["PYTHONWARNINGS"] = known_notices_env(env, cpu=cpu)
+    if custom_logit_processor:  # the seeded sampler is passed by reference (rollout/seeded.py)
+        _prepend_path(env, REPO_ROOT)
+    if cpu:
+        env.setdefault("OMP_NUM_THREADS", "1")  # torch_native attention stalls with 2 threads on 2 cores
+        _prepend_path(env, CPU_STUBS)
+    return env
 
 
 def check_servable(model_path: str) -> None:

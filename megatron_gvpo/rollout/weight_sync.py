@@ -354,9 +354,15 @@ class DistributedWeightSync:
                         for i in range(len(self.urls))]
 
             def rendezvous():
+                # The trainer hosts the group's store itself: under torchrun (TORCHELASTIC_USE_AGENT_STORE) a
+                # tcp:// rendezvous makes even rank 0 a client of a store it expects torchrun's agent to host at
+                # that address, and both sides then wait out the timeout. The servers' side (tcp://, rank > 0)
+                # prefixes the store with the group's name, as this does.
+                timeout = timedelta(seconds=self.timeout_s)
+                store = dist.TCPStore(address, port, world, is_master=True, timeout=timeout)
                 self.group = init_custom_process_group(
-                    backend=self.backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=0,
-                    group_name=self.group_name, timeout=timedelta(seconds=self.timeout_s))
+                    backend=self.backend, store=dist.PrefixStore(self.group_name, store), world_size=world, rank=0,
+                    group_name=self.group_name, timeout=timeout)
 
             return self._with_servers("/init_weights_update_group", payloads, rendezvous)
 
