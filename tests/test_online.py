@@ -23,6 +23,7 @@ from megatron_gvpo.algo import gvpo_loss
 from megatron_gvpo.data.prompts import PromptDataConfig, load_prompts
 from megatron_gvpo.data.offline import Group
 from megatron_gvpo.rollout.online import ReplayBuffer, _ungroup
+from tests.processes import metrics_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +159,7 @@ def test_online_loop_with_a_real_server_resumes_replays_and_survives_a_server_cr
     pytest.importorskip("sglang")
     gloo.run(2, online_run, str(tmp_path), assets, 2)
     gloo.run(2, online_run, str(tmp_path), assets, 4, 1)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path)
     train = [r for r in records if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
@@ -207,8 +208,7 @@ def test_sigkill_at_a_random_point_then_resume_reproduces_the_online_run(assets,
     import random
     import subprocess
 
-    from tests.processes import (assert_no_known_notices, assert_quiet, assert_same_run, metrics_records,
-                                 signal_after_lines)
+    from tests.processes import assert_no_known_notices, assert_quiet, assert_same_run, signal_after_lines
 
     pytest.importorskip("sglang")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -261,7 +261,7 @@ def test_async_rollout_stays_within_its_staleness_loses_nothing_and_resumes_afte
     subprocess.run(command(killed) + ["--resume"], cwd=REPO, env=env, check=True, capture_output=True)
 
     def trained(run):
-        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        return [r for r in metrics_records(run) if "loss" in r]
 
     want, got = trained(whole), trained(killed)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1)), lines
@@ -318,9 +318,9 @@ def test_attached_servers_get_the_trainers_weights_before_the_first_request(gloo
                  ["rollout.source=offline", f"data.path={data}", "data.prompt_add_special_tokens=false",
                   "data.max_prompt_tokens=8", "data.max_response_tokens=8",
                   "rollout.eval_offline=true", "train.steps=2"])
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(tmp_path / "run")
     assert [(r["step"], r.get("eval_weight_version")) for r in records] == [(0, "step-0"), (1, "step-1")]
-    offline = [json.loads(line) for line in (tmp_path / "offline" / "metrics.jsonl").read_text().splitlines()]
+    offline = metrics_records(tmp_path / "offline")
     assert [(r["step"], r.get("eval_weight_version")) for r in offline] == [(0, "step-0"), (1, None), (2, "step-2")]
     assert all("eval_greedy" in r for r in (offline[0], offline[2])) and "kl_to_start" not in offline[2]
     assert offline[1]["reward_mean"] == 0.25  # one rewarded response in each group of the file
@@ -353,7 +353,7 @@ def test_online_mixture_of_experts_with_routing_replay(gloo, assets, tmp_path):
     routed every token to, and the trainer replays them in its forwards (the router losses logged beside)."""
     pytest.importorskip("sglang")
     gloo.run(2, online_moe_run, str(tmp_path), assets, True)
-    train = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = metrics_records(tmp_path)
     train = [r for r in train if "loss" in r]
     assert [r["step"] for r in train] == [1, 2]
     for r in train:

@@ -7,12 +7,12 @@ uninterrupted run's metrics. A bad config key or value, a missing config file, m
 missing prompts file or a bad data row end the command with exit status 2 and one line naming the field, no
 traceback; a ValueError later in the run keeps its traceback."""
 
-import json
 from pathlib import Path
 
 import pytest
 
 from megatron_gvpo.data.addition import make_tiny_assets
+from tests.processes import metrics_records
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,10 +33,6 @@ def cli_run(run_dir, assets, overrides):
     return True
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def single(gloo, assets, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("single")
@@ -45,7 +41,7 @@ def single(gloo, assets, tmp_path_factory):
 
 
 def test_outputs(single):
-    records = metrics(single)
+    records = metrics_records(single)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm", "lr", "tokens", "cov_reward_logp", "cov_logp_ref", "var_logp", "reward_mean"):
         assert all(key in r for r in records), key
@@ -57,7 +53,7 @@ def test_outputs(single):
                                        ["parallel.tp=2", "train.recompute=full"]])
 def test_same_loss_at_every_layout(gloo, assets, single, tmp_path, overrides):
     gloo.run(2, cli_run_with_checkpoints, str(tmp_path), assets, overrides)
-    want, got = metrics(single), metrics(tmp_path)
+    want, got = metrics_records(single), metrics_records(tmp_path)
     for w, g in zip(want, got):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-4)
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
@@ -74,7 +70,7 @@ def test_restart_resumes_and_reproduces(gloo, assets, single, tmp_path):
     """Run to step 2 (a checkpoint), then start the same command again with train.steps=4: it resumes."""
     gloo.run(1, cli_run_with_checkpoints, str(tmp_path), assets, ["train.steps=2"])
     gloo.run(1, cli_run_with_checkpoints, str(tmp_path), assets, [])
-    got, want = metrics(tmp_path), metrics(single)
+    got, want = metrics_records(tmp_path), metrics_records(single)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for w, g in zip(want, got):
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-6)
@@ -103,10 +99,10 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_uninterrupted_run(a
     code, out = signal_after_lines(train_command(tmp_path, assets, [model, "train.steps=4", "run.save_interval=2"]),
                                    tmp_path / "metrics.jsonl", lines)
     assert code == -9, out  # killed, not finished
-    assert [r["step"] for r in metrics(tmp_path)][-1] < 4
+    assert [r["step"] for r in metrics_records(tmp_path)][-1] < 4
     subprocess.run(train_command(tmp_path, assets, [model, "train.steps=4", "run.save_interval=2"]) + ["--resume"],
                    cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
-    got, want = metrics(tmp_path), metrics(single)
+    got, want = metrics_records(tmp_path), metrics_records(single)
     assert [r["step"] for r in got] == [1, 2, 3, 4], f"killed after {lines} logged steps"
     for w, g in zip(want, got):
         for key in ("loss", "grad_norm", "reward_mean", "cov_reward_logp"):
@@ -123,7 +119,7 @@ def test_preemption_signal_checkpoints_and_stops(assets, tmp_path, sig):
     code, out = signal_after_lines(train_command(tmp_path, assets, ["train.steps=1000", "run.save_interval=0"]),
                                    tmp_path / "metrics.jsonl", 2, getattr(signal, sig), timeout_s=120)
     assert code == 0, out
-    last = metrics(tmp_path)[-1]["step"]
+    last = metrics_records(tmp_path)[-1]["step"]
     assert 2 <= last < 1000 and "pre-emption signal: checkpointed step" in out
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"step_{last:07d}"
 
