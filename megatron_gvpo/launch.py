@@ -28,7 +28,10 @@ rollout.startup_timeout_s), start the router and wait for it, start the trainer.
 --local: the `bash -c` part on this machine); each log's first line is `launch: ` and that command, the dry run's
 with its wrapping (tests/test_slurm.py compares them). SIGUSR1 (SLURM's warning before the time limit,
 --signal=B:USR1) goes to the trainer, which checkpoints and stops; SIGTERM, which SLURM sends to every job step
-itself, is forwarded only with --local. The launcher then stops the servers and exits with the trainer's status.
+itself, is forwarded only with --local. A server or the router that exits while the trainer runs is started
+again, rollout.max_server_restarts times each (the trainer waits for it: rollout.urls_supervised); a trainer
+node that fails is named, the others get TRAINER_GRACE_S to stop, and the nodes SLURM holds for down are named
+with what ran there. The launcher then stops the servers and exits with the trainer's status.
 
 Containers (pyxis). With CONTAINER_IMAGE set every srun gets --container-image, --container-mounts
 (CONTAINER_MOUNTS, default: the working directory) and --container-workdir. srun does not exist inside a pyxis
@@ -217,6 +220,10 @@ class Plan:
     files: dict[str, str] = field(default_factory=dict)
     """Written (path: text) before anything starts: the servers' config.json when model.path is a file."""
     planner_output: str = ""
+    max_restarts: int = 0
+    """How often each server and the router is restarted, through srun, when it exits while the trainer runs
+    (rollout.max_server_restarts); the trainer waits for a restarted server and loads its weights into it
+    (rollout.urls_supervised)."""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -338,13 +345,15 @@ def build_plan(cfg, alloc: Allocation, config_path: str, overrides: list[str], e
                                             f"{logs}/{rollout[0]}.router.log", f"http://{rollout[0]}:{ROUTER_PORT}"))
         notes.append(f"the SGLang servers start with random weights of {model_dir}'s architecture; the trainer "
                      f"loads its own into them (rollout.weight_sync={r.weight_sync!r}) before the first rollout")
-    train_overrides = list(overrides) + ([f"rollout.urls=[{','.join(urls)}]"] if urls else [])
+    train_overrides = list(overrides)
+    if urls:
+        train_overrides += [f"rollout.urls=[{','.join(urls)}]", "rollout.urls_supervised=true"]
     for host in trainers:
         argv = trainer_argv(trainers, c.gpus_per_node, alloc, config_path, train_overrides, python)
         per_host[host].append(Process(host, "trainer", argv, {}, f"{logs}/{host}.trainer.log"))
     return Plan(alloc.job_id, alloc.nodes, c.gpus_per_node, trainers, rollout, cfg.run.dir, env,
                 [p for host in alloc.nodes for p in per_host[host]], r.startup_timeout_s, alloc.cpus_per_node, notes,
-                files)
+                files, max_restarts=r.max_server_restarts if rollout else 0)
 
 
 def server_model_dir(cfg) -> tuple[str, dict[str, str]]:
@@ -420,6 +429,9 @@ def render_plan(plan: Plan, container: Container | None = None, local: bool = Fa
     order += "sglang-router, wait for its /health, " if routers else ""
     deadline = f" (server deadline {plan.startup_timeout_s:.0f} s)" if servers else ""
     lines.append(f"start order: {order}trainer{deadline}")
+    if servers:
+        lines.append(f"a server or router that exits while the trainer runs is restarted, up to {plan.max_restarts} "
+                     "times each (rollout.max_server_restarts); the trainer reloads its weights into it")
     lines += [f"writes {path} (a copy of model.path)" for path in plan.files]
     if plan.planner_output.strip():
         lines.append("planner (python -m megatron_gvpo.plan):")
@@ -524,25 +536,82 @@ def _await_health(started: list[tuple[Process, subprocess.Popen]], timeout_s: fl
             time.sleep(1.0)
 
 
+def describe_status(code: int) -> str:
+    """A command's exit status in words. srun (bash, with --local) exits with 128 + N when signal N killed its
+    task; Popen reports -N when a signal killed srun itself."""
+    number = -code if code < 0 else code - 128 if code > 128 else 0
+    try:
+        return f"was killed by {signal.Signals(number).name} (exit status {code})"
+    except ValueError:
+        return f"exited with code {code}"
+
+
 def _await_trainers(trainers: list[tuple[Process, subprocess.Popen]],
-                    services: list[tuple[Process, subprocess.Popen]], signals: _Signals) -> int:
-    """The trainer's status: the first non-zero exit code in node order, else 0."""
+                    services: list[tuple[Process, subprocess.Popen]], signals: _Signals, restart,
+                    max_restarts: int) -> int:
+    """The trainer's status: the first non-zero exit seen, else 0. Each trainer node that fails is named as it
+    fails; the others get TRAINER_GRACE_S to fail on their own, then are stopped. Until then, a server or the
+    router that exits is started again with `restart(process)` (a new Popen), up to `max_restarts` times each,
+    unless a signal came (SLURM stops every step of a job it ends)."""
     signals.forward_to([popen for _, popen in trainers])
-    failed_at, dead_services = None, set()  # (host, role)
-    while any(popen.poll() is None for _, popen in trainers):
-        if failed_at is None and any(popen.poll() not in (None, 0) for _, popen in trainers):
+    failures: list[tuple[Process, int]] = []
+    failed_at, stopped, restarts = None, False, [0] * len(services)
+    while True:
+        for proc, popen in trainers:
+            if popen.poll() not in (None, 0) and all(p is not proc for p, _ in failures):
+                failures.append((proc, popen.returncode))
+                print(f"launch: trainer on {proc.host} {describe_status(popen.returncode)}; log {proc.log}", flush=True)
+        if all(popen.poll() is not None for _, popen in trainers):
+            return failures[0][1] if failures else 0
+        if failures and failed_at is None:
             failed_at = time.monotonic()
-            print(f"launch: a trainer node failed; the others get {TRAINER_GRACE_S:.0f} s to stop", flush=True)
-        if failed_at is not None and time.monotonic() - failed_at > TRAINER_GRACE_S:
+            if any(popen.poll() is None for _, popen in trainers):
+                print(f"launch: the other trainer nodes get {TRAINER_GRACE_S:.0f} s to stop", flush=True)
+        if failed_at is not None and time.monotonic() - failed_at > TRAINER_GRACE_S and not stopped:
+            for proc, popen in trainers:
+                if popen.poll() is None:
+                    print(f"launch: trainer on {proc.host} still runs {TRAINER_GRACE_S:.0f} s after the failure (its "
+                          "node may be down, or the trainer hung in a collective): stopping it", flush=True)
             _stop([popen for _, popen in trainers])
-        for proc, popen in services:
-            if popen.poll() is not None and (proc.host, proc.role) not in dead_services:
-                dead_services.add((proc.host, proc.role))
-                print(f"launch: {proc.role} on {proc.host} exited with code {popen.returncode}; log {proc.log}",
-                      flush=True)
+            stopped = True
+        _restart_services(services, restarts, restart, max_restarts,
+                          allowed=failed_at is None and not signals.received)
         time.sleep(1.0)
-    codes = [popen.returncode for _, popen in trainers]
-    return next((code for code in codes if code != 0), 0)
+
+
+def _restart_services(services: list[tuple[Process, subprocess.Popen]], restarts: list[int], restart,
+                      max_restarts: int, allowed: bool) -> None:
+    """Start again (in place) each server or router that exited, counting in `restarts` (-1: given up)."""
+    for i, (proc, popen) in enumerate(services):
+        if popen.poll() is None or restarts[i] < 0:
+            continue
+        what = f"launch: {proc.role} on {proc.host} {describe_status(popen.returncode)}"
+        if allowed and restarts[i] < max_restarts:
+            restarts[i] += 1
+            print(f"{what}; starting it again ({restarts[i]} of rollout.max_server_restarts={max_restarts})",
+                  flush=True)
+            services[i] = (proc, restart(proc))
+        else:
+            restarts[i] = -1
+            print(f"{what}; not started again; log {proc.log}", flush=True)
+
+
+def _report_nodes(plan: Plan) -> None:
+    """After a failure: the job's nodes SLURM holds for down, draining or not responding, with what ran there (a
+    node that crashed takes its processes with it and the srun that ran them may say nothing)."""
+    try:
+        shown = subprocess.run(["scontrol", "-o", "show", "node", ",".join(plan.nodes)], capture_output=True,
+                               text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in shown.splitlines():
+        node, state = re.search(r"NodeName=(\S+)", line), re.search(r"\bState=(\S+)", line)
+        if not node or not state or not re.search(r"DOWN|DRAIN|FAIL|NOT_RESPONDING", state.group(1)):
+            continue
+        roles = ", ".join(p.role for p in plan.processes if p.host == node.group(1)) or "nothing"
+        reason = re.search(r"\bReason=(.*?)(?= \w+=|$)", line)
+        print(f"launch: SLURM has node {node.group(1)} {state.group(1)}"
+              f"{f' ({reason.group(1)})' if reason else ''}; it ran: {roles}", flush=True)
 
 
 def _stop(popens: list[subprocess.Popen]) -> None:
@@ -581,11 +650,14 @@ def run(plan: Plan, container: Container | None = None, local: bool = False) -> 
         trainers = [(p, _start(p, plan, container, local)) for p in plan.processes if p.role == "trainer"]
         # A signal between check() and here is forwarded by forward_to() in _await_trainers.
         try:
-            status = _await_trainers(trainers, services, signals)
+            status = _await_trainers(trainers, services, signals, lambda p: _start(p, plan, container, local),
+                                     plan.max_restarts)
         finally:
             _stop([popen for _, popen in trainers])
         print(f"launch: trainer exited with status {status}", flush=True)
-        if signals.received and status:
+        if status and not local:
+            _report_nodes(plan)
+        if status and set(signals.received) & set(signals.forwarded):
             print("launch: (torchrun reports a run it stopped for a forwarded signal as failed even when every rank "
                   "checkpointed and exited 0; the ranks' own exit is in the trainer's log)", flush=True)
         return status

@@ -46,6 +46,7 @@ def test_defaults_without_file():
         ({}, ["algo.name=grpo", "algo.gvpo_variant=length_normalized"], r"algo\.gvpo_variant is a variant of GVPO"),
         ({}, ["rollout.mode=async"], r"rollout\.mode='async' overlaps generation with training: it needs rollout\.source"),
         ({}, ["rollout.max_staleness=-1"], r"rollout\.max_staleness must be >= 0"),
+        ({}, ["rollout.urls_supervised=true"], r"rollout\.urls_supervised=true but rollout\.urls is empty"),
         ({}, ["algo.importance_correction=truncated"], r"algo\.importance_correction is for the policy-gradient"),
         ({}, ["algo.name=grpo", "algo.importance_cap=0.5"], r"algo\.importance_cap must be >= 1"),
         ({}, ["algo.name=grpo", "algo.importance_correction=truncated"],

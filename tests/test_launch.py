@@ -122,7 +122,7 @@ def test_gvpo_70b_dry_run(tmp_path, server_tp):
                f"--rdzv-endpoint gpu-01:29500 --rdzv-id 42 --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "
                f"--shutdown-timeout 240 "
                f"-m megatron_gvpo.train --config {CONFIG} --set {' '.join(user_sets + [f'run.dir={run_dir}'])} "
-               f"'rollout.urls=[{','.join(urls)}]'")
+               f"'rollout.urls=[{','.join(urls)}]' rollout.urls_supervised=true")
     router = (f"{PYTHON} -m sglang_router.launch_router --worker-urls {' '.join(urls)} --host 0.0.0.0 --port 28000 "
               f"--policy round_robin --prometheus-host 0.0.0.0 --prometheus-port 28001 --log-level warn")
     expected = {}
@@ -249,13 +249,18 @@ def test_planner_rejection_aborts_with_its_output(monkeypatch, capsys):
 
 
 HEALTHY_SERVER = """
-import http.server, sys
+import http.server, os, sys, threading, time
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404); self.end_headers()
     def log_message(self, *a): pass
 print("serving", flush=True)
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+if len(sys.argv) > 2:  # a lifetime in seconds, then exit code 9
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    time.sleep(float(sys.argv[2]))
+    os._exit(9)
+server.serve_forever()
 """
 TRAINER = """
 import signal, sys, time
@@ -272,17 +277,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stand_in_plan(tmp_path, server: str, trainer_args: list[str]) -> tuple[Path, int]:
+def _stand_in_plan(tmp_path, server: str, trainer_args: list[str], max_restarts: int = 0,
+                   server_args: tuple[str, ...] = ()) -> tuple[Path, int]:
     port = _free_port()
     logs = tmp_path / "logs"
     procs = [
-        launch.Process("localhost", "sglang-0", [sys.executable, "-c", server, str(port)],
+        launch.Process("localhost", "sglang-0", [sys.executable, "-c", server, str(port), *server_args],
                        {"CUDA_VISIBLE_DEVICES": "0"}, str(logs / "localhost.sglang-0.log"), f"http://127.0.0.1:{port}"),
         launch.Process("localhost", "trainer", [sys.executable, "-c", TRAINER, *trainer_args], {},
                        str(logs / "localhost.trainer.log")),
     ]
     plan = launch.Plan("local", ["localhost"], 1, ["localhost"], [], str(tmp_path), {"NCCL_DEBUG": "WARN"}, procs,
-                       startup_timeout_s=30.0, files={str(tmp_path / "rollout_model" / "config.json"): "{}"})
+                       startup_timeout_s=30.0, files={str(tmp_path / "rollout_model" / "config.json"): "{}"},
+                       max_restarts=max_restarts)
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
     return path, port
@@ -332,8 +339,24 @@ def test_run_returns_the_trainer_status(tmp_path):
     launcher = _launch(plan_path)
     out, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 3, err
+    assert "launch: trainer on localhost exited with code 3; log " in out
     assert "trainer exited with status 3" in out
     assert not _answers(port)
+
+
+def test_run_starts_a_dead_server_again_within_its_budget(tmp_path):
+    """A server that exits while the trainer runs is started again, rollout.max_server_restarts times; the trainer
+    (which waits for it: rollout.urls_supervised) is not stopped for it."""
+    plan_path, port = _stand_in_plan(tmp_path, HEALTHY_SERVER, ["8", "0"], max_restarts=1, server_args=("2",))
+    launcher = _launch(plan_path)
+    out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 0, err
+    assert ("launch: sglang-0 on localhost exited with code 9; starting it again (1 of "
+            "rollout.max_server_restarts=1)") in out
+    assert "launch: sglang-0 on localhost exited with code 9; not started again; log " in out
+    log = (tmp_path / "logs" / "localhost.sglang-0.log").read_text().splitlines()
+    assert [line for line in log if line == "serving" or line.startswith("launch: ")] == [log[0], "serving"] * 2
+    assert "trainer exited with status 0" in out
 
 
 def test_run_aborts_when_a_server_dies_at_start_up(tmp_path):

@@ -9,6 +9,10 @@ on this machine (Debian's slurm-wlm, installed by the script), started for this 
 - What the dry run prints is what the real run executed, node by node.
 - Pre-emption: SIGUSR1 to the batch shell checkpoints and stops the trainer; `scontrol requeue` resumes the job
   to the metrics of the uninterrupted one.
+- Faults: a trainer node that crashes (`slurm_testbed.sh crash`: its slurmd and every process on it killed)
+  fails the job within a bounded time, named in the job's output; SLURM requeues it and, the node back, it
+  resumes from the last checkpoint to the uninterrupted job's metrics. An SGLang server that dies on its
+  rollout node is started again through srun, and the trainer reloads its weights into it and goes on.
 
 The module skips where the test bed cannot run: not root (its daemons run as root), or no SLURM and no apt-get
 to install it. Both nodes are this machine, so every process of a job shares its two cores; the jobs run with
@@ -116,13 +120,23 @@ def sbatch(slurm: dict, run_dir: Path, sets: list[str], dry_run: bool = False) -
 
 
 SHAPE_A = ["cluster.nodes=2", "cluster.rollout_nodes=1"]
+SHAPE_B = ["cluster.nodes=2", "cluster.rollout_nodes=0"]
+
+
+def uninterrupted(slurm, assets, tmp_path_factory, name: str, shape: list[str]) -> tuple[Path, str]:
+    """The tiny run in `shape` through sbatch: (its run directory, the job's output)."""
+    run_dir = tmp_path_factory.mktemp(name) / "slurm"
+    return run_dir, sbatch(slurm, run_dir, [*shape, *tiny_run(assets)])
 
 
 @pytest.fixture(scope="module")
 def shape_a(slurm, assets, tmp_path_factory) -> tuple[Path, str]:
-    """Shape (a) through sbatch: (its run directory, the job's output)."""
-    run_dir = tmp_path_factory.mktemp("shape_a") / "slurm"
-    return run_dir, sbatch(slurm, run_dir, [*SHAPE_A, *tiny_run(assets)])
+    return uninterrupted(slurm, assets, tmp_path_factory, "shape_a", SHAPE_A)
+
+
+@pytest.fixture(scope="module")
+def shape_b(slurm, assets, tmp_path_factory) -> tuple[Path, str]:
+    return uninterrupted(slurm, assets, tmp_path_factory, "shape_b", SHAPE_B)
 
 
 def test_one_node_trains_and_one_serves_like_a_local_run(slurm, assets, shape_a, tmp_path):
@@ -158,23 +172,22 @@ def assert_ran_as_planned(dry_run: str) -> None:
         assert job.sub("", argv[-1]).endswith(job.sub("", command)), (role, ran, command)
 
 
-def test_two_nodes_train_together_like_one_machine(slurm, assets, tmp_path):
+def test_two_nodes_train_together_like_one_machine(slurm, assets, shape_b, tmp_path):
     """Shape (b): a torchrun on each node, one process each, the c10d rendezvous on gvpo-n1: data parallel over
     gloo across the nodes, rank 0 starting its own server. The run equals launch/local.sh's torchrun of two
     processes on one machine."""
-    sets = tiny_run(assets)
-    output = sbatch(slurm, tmp_path / "slurm", ["cluster.nodes=2", "cluster.rollout_nodes=0", *sets])
+    run_dir, output = shape_b
     assert "launch: trainer exited with status 0" in output
-    logs = {log.name: log.read_text() for log in (tmp_path / "slurm" / "logs").glob("gvpo-n*.trainer.log")}
+    logs = {log.name: log.read_text() for log in (run_dir / "logs").glob("gvpo-n*.trainer.log")}
     assert sorted(logs) == ["gvpo-n1.trainer.log", "gvpo-n2.trainer.log"]
     assert all("step 0 eval" in text for text in logs.values()), "both nodes train"
-    local = subprocess.run(["bash", "launch/local.sh", "--set", "cluster.gpus_per_node=2", *sets], cwd=REPO,
-                           env={**run_env(slurm, tmp_path / "local"), "CONFIG": CONFIG}, capture_output=True,
-                           text=True, timeout=JOB_TIMEOUT_S)
+    local = subprocess.run(["bash", "launch/local.sh", "--set", "cluster.gpus_per_node=2", *tiny_run(assets)],
+                           cwd=REPO, env={**run_env(slurm, tmp_path / "local"), "CONFIG": CONFIG},
+                           capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert local.returncode == 0, local.stdout + local.stderr
     want = metrics_records(tmp_path / "local")
     assert [r["step"] for r in want] == [0, 1, 2, 3, 4, 5, 6]
-    assert_same_run(want, metrics_records(tmp_path / "slurm"), "sbatch, two trainer nodes")
+    assert_same_run(want, metrics_records(run_dir), "sbatch, two trainer nodes")
 
 
 def job_state(slurm: dict, job: str) -> str:
@@ -202,6 +215,29 @@ def wait_for(what: str, ready, timeout_s: float = JOB_TIMEOUT_S) -> None:
         time.sleep(0.2)
 
 
+def submit(slurm: dict, run_dir: Path, out: Path, sets: list[str]) -> str:
+    """`sbatch` of launch/gvpo_70b.sh on both nodes, not waiting; the job id. Its output goes to `out`, appended
+    to by a requeued job."""
+    return subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", f"--output={out}",
+                           "--open-mode=append", "launch/gvpo_70b.sh", "--set", *sets], cwd=REPO,
+                          env=run_env(slurm, run_dir), capture_output=True, text=True, check=True,
+                          timeout=60).stdout.strip().split(";")[0]
+
+
+def wait_for_step(run_dir: Path, step: int) -> None:
+    """Until metrics.jsonl holds training step `step` (after the record of step 0's evaluation)."""
+    metrics = run_dir / "metrics.jsonl"
+    wait_for(f"no step {step}", lambda: metrics.exists() and len(metrics.read_text().splitlines()) > step)
+
+
+def start_requeued(slurm: dict, job: str) -> None:
+    """Start a requeued job now. SLURM holds one two minutes; started in the second its old credential was
+    revoked in, slurmd refuses it ("Job credential revoked": one-second resolution), so give it a few seconds,
+    not two minutes."""
+    time.sleep(3.0)
+    assert scontrol(slurm, "update", f"JobId={job}", "StartTime=now")
+
+
 def test_a_preempted_job_checkpoints_requeues_and_finishes_the_same_run(slurm, assets, shape_a, tmp_path):
     """Pre-emption for real: `scancel --signal=USR1 --batch` reaches the launcher (the batch shell), which
     forwards it through srun and torchrun to the trainer: it checkpoints and stops before its last step.
@@ -209,12 +245,8 @@ def test_a_preempted_job_checkpoints_requeues_and_finishes_the_same_run(slurm, a
     hold on a requeued job) runs the same job again, which resumes from that checkpoint and ends where the uninterrupted
     job of shape (a) ended, metric by metric."""
     run_dir, out = tmp_path / "slurm", tmp_path / "job.out"
-    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", f"--output={out}",
-                          "--open-mode=append", "launch/gvpo_70b.sh", "--set", *SHAPE_A, *tiny_run(assets)],
-                         cwd=REPO, env=run_env(slurm, run_dir), capture_output=True, text=True, check=True,
-                         timeout=60).stdout.strip().split(";")[0]
-    metrics = run_dir / "metrics.jsonl"
-    wait_for("no step 1", lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+    job = submit(slurm, run_dir, out, [*SHAPE_A, *tiny_run(assets)])
+    wait_for_step(run_dir, 1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     wait_for("the pre-empted job still runs", lambda: job_state(slurm, job) not in ("RUNNING", "COMPLETING"))
     first = out.read_text()
@@ -223,12 +255,95 @@ def test_a_preempted_job_checkpoints_requeues_and_finishes_the_same_run(slurm, a
     assert stopped_at < "step_0000006", "the job finished before the signal reached it"
     # SLURM refuses a requeue while the job's steps still complete on their nodes: ask again for a while.
     wait_for("scontrol requeue kept failing", lambda: scontrol(slurm, "requeue", job), timeout_s=60)
-    # Then it holds the job two minutes. Started sooner, in the second its old credential was revoked in, slurmd
-    # refuses it ("Job credential revoked": one-second resolution), so give it a few seconds, not two minutes.
-    time.sleep(3.0)
-    assert scontrol(slurm, "update", f"JobId={job}", "StartTime=now")
+    start_requeued(slurm, job)
     wait_for("the requeued job did not finish", lambda: job_state(slurm, job) == "COMPLETED"
              and out.read_text().count("launch: trainer exited") == 2)
     assert "launch: trainer exited with status 0" in out.read_text().removeprefix(first)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000006"
     assert_same_run(metrics_records(shape_a[0]), metrics_records(run_dir), f"pre-empted at {stopped_at}")
+
+
+def response_length_slowly(prompt: str, response: str, label) -> float:
+    """tests.test_online's response_length, 50 ms a call: a step lasts long enough to crash a node in it."""
+    from tests.test_online import response_length
+
+    time.sleep(0.05)
+    return response_length(prompt, response, label)
+
+
+def test_a_crashed_node_fails_the_job_naming_it_and_the_requeued_job_resumes(slurm, assets, shape_b, tmp_path):
+    """Shape (b), gvpo-n2 crashes after the first checkpoint (its slurmd and every process on it SIGKILLed): the
+    trainer on gvpo-n1 fails at once (gloo sees its peer gone), SLURM finds the node dead within SlurmdTimeout and
+    requeues the job (--requeue), and the launcher's output names the node and what ran there. With the node
+    back, the job resumes from the last checkpoint and ends where the uninterrupted job of shape (b) ended."""
+    run_dir, out = tmp_path / "slurm", tmp_path / "job.out"
+    job = submit(slurm, run_dir, out, [*SHAPE_B, *tiny_run(assets), "reward.function=tests.test_slurm:"
+                                                                     "response_length_slowly"])
+    wait_for("no checkpoint", (run_dir / "checkpoints" / "latest").exists)
+    crashed = time.monotonic()
+    subprocess.run(["bash", str(TESTBED), "crash", "gvpo-n2"], env=slurm, check=True, capture_output=True)
+    wait_for("the launcher did not end", lambda: "launch: trainer exited with status" in out.read_text(),
+             timeout_s=180)
+    failed_after = time.monotonic() - crashed
+    print(f"the launcher reported the crash after {failed_after:.0f} s")  # SlurmdTimeout (30 s), a ping
+    first = out.read_text()
+    assert "launch: trainer on gvpo-n1 exited with code 1" in first, first
+    assert re.search(r"launch: SLURM has node gvpo-n2 \S*DOWN\S*.*; it ran: trainer", first), first
+    assert "launch: trainer exited with status 0" not in first
+    stopped_at = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert "step_0000001" <= stopped_at < "step_0000006", "the crash came too late or before any checkpoint"
+    wait_for("SLURM did not requeue the job", lambda: job_state(slurm, job) == "PENDING", timeout_s=60)
+    up = subprocess.run(["bash", str(TESTBED), "up"], env=slurm, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stdout + up.stderr
+    start_requeued(slurm, job)
+    wait_for("the requeued job did not finish", lambda: job_state(slurm, job) == "COMPLETED"
+             and out.read_text().count("launch: trainer exited") == 2)
+    assert "launch: trainer exited with status 0" in out.read_text().removeprefix(first)
+    assert_same_run(metrics_records(shape_b[0]), metrics_records(run_dir), f"crashed after {stopped_at}")
+
+
+_REWARD_CALLS = [0]
+KILL_AT_CALL = 120
+"""In the evaluation after step 2: an evaluation scores 40 samples (8 held-out prompts, greedy and 4 sampled), a
+step 32: 40 + 32 + 32 < 120 <= 40 + 32 + 32 + 40."""
+
+
+def response_length_killing_the_rollout_server(prompt: str, response: str, label) -> float:
+    """tests.test_online's response_length; its KILL_AT_CALL-th call SIGKILLs every process of this job's SGLang
+    server on gvpo-n2, as a crash or the OOM killer would. The router there stays."""
+    import signal
+
+    from tests.test_online import response_length
+
+    _REWARD_CALLS[0] += 1
+    if _REWARD_CALLS[0] == KILL_AT_CALL:
+        server = {b"SLURMD_NODENAME=gvpo-n2", f"SLURM_JOB_ID={os.environ['SLURM_JOB_ID']}".encode()}
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if server <= set(environ.read_bytes().split(b"\0")) and \
+                        b"sglang_router" not in (environ.parent / "cmdline").read_bytes():
+                    os.kill(int(environ.parent.name), signal.SIGKILL)
+            except OSError:  # gone already
+                pass
+    return response_length(prompt, response, label)
+
+
+def test_a_dead_rollout_server_is_started_again_through_srun(slurm, assets, shape_a, tmp_path):
+    """Shape (a), the SGLang server on gvpo-n2 killed while the evaluation after step 2 is scored: the launcher
+    starts it again through srun; step 3's rollout fails, waits for the server to answer, loads the step-2
+    weights into it over a new weight-sync group and runs again. The run ends where the uninterrupted job of
+    shape (a) ended."""
+    run_dir = tmp_path / "slurm"
+    output = sbatch(slurm, run_dir, [*SHAPE_A, *tiny_run(assets), "reward.function=tests.test_slurm:"
+                                                                  "response_length_killing_the_rollout_server"])
+    assert ("launch: sglang-0 on gvpo-n2 was killed by SIGKILL (exit status 137); starting it again (1 of "
+            "rollout.max_server_restarts=3)") in output, output
+    assert "launch: trainer exited with status 0" in output
+    server_log = (run_dir / "logs" / "gvpo-n2.sglang-0.log").read_text()
+    assert server_log.count("launch: srun") == 2 and server_log.count("The server is fired up") == 2
+    got, want = metrics_records(run_dir), metrics_records(shape_a[0])
+    assert [r.get("server_restarts") for r in got] == [None, 0, 0, 1, 1, 1, 1]
+    trainer_log = (run_dir / "logs" / "gvpo-n1.trainer.log").read_text()
+    assert "restarted the dead SGLang server(s); reloading weights step-2" in trainer_log
+    assert_same_run([{k: v for k, v in r.items() if k != "server_restarts"} for r in want],
+                    [{k: v for k, v in r.items() if k != "server_restarts"} for r in got], "a server restarted")

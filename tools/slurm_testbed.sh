@@ -2,14 +2,16 @@
 # A two-node SLURM cluster on this one machine, for trying and testing launch/gvpo_70b.sh for real:
 # slurmctld plus two slurmd daemons (nodes gvpo-n1 and gvpo-n2, both this host's CPUs, no GPUs) in one
 # partition, authenticated by a munged of their own. Everything lives under $SLURM_TESTBED_DIR (default
-# /tmp/gvpo-slurm); nothing is written elsewhere but two lines in /etc/hosts that name the nodes (127.0.0.1),
+# /tmp/gvpo-slurm); nothing is written elsewhere but a line in /etc/hosts that names the nodes (127.0.0.1),
 # which `down` removes.
 #
 #   tools/slurm_testbed.sh install   # Debian's slurm-wlm 22.05 and munge (apt-get, as root)
 #   tools/slurm_testbed.sh up        # install if needed, start the daemons, wait for both nodes; prints the
 #                                    # `export SLURM_CONF=...` the clients (sbatch, squeue, ...) need
-#   tools/slurm_testbed.sh down      # stop every daemon and job, remove the directory and the hosts lines
+#   tools/slurm_testbed.sh down      # stop every daemon and job, remove the directory and the hosts line
 #   tools/slurm_testbed.sh status    # exit 0 when the cluster is up, with sinfo's view
+#   tools/slurm_testbed.sh crash N   # node N fails as if its power were cut: its slurmd, the step daemons of its
+#                                    # jobs and every process running on it are SIGKILLed; `up` brings it back
 #
 # `up` and `down` are idempotent: `up` on a running test bed only checks it, `down` on none does nothing.
 # One host as several nodes: each slurmd gets its own Port= and NodeAddr=127.0.0.1 (slurmd -N <name>), processes
@@ -20,7 +22,8 @@ set -euo pipefail
 DIR=${SLURM_TESTBED_DIR:-/tmp/gvpo-slurm}
 NODES=(gvpo-n1 gvpo-n2)
 CTLD_PORT=${SLURM_TESTBED_PORT:-16817}  # slurmd i listens on CTLD_PORT + 1 + i
-HOSTS_MARK="# gvpo-slurm-testbed"
+# Each test bed's own line: `down` removes it and leaves another bed's (same names, another directory) alone.
+HOSTS_LINE="127.0.0.1 ${NODES[*]} # gvpo-slurm-testbed $DIR"
 export SLURM_CONF="$DIR/slurm.conf"
 
 die() { echo "slurm_testbed: $*" >&2; exit 1; }
@@ -87,24 +90,25 @@ write_config() {
     } > "$SLURM_CONF"
 }
 
-hosts_lines() {
-    if ! grep -q "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
-        echo "127.0.0.1 ${NODES[*]} $HOSTS_MARK" >> /etc/hosts
+hosts_line() {
+    if ! grep -qxF "$HOSTS_LINE" /etc/hosts 2>/dev/null; then
+        echo "$HOSTS_LINE" >> /etc/hosts
     fi
 }
 
-pid_alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file names its daemon while that pid runs the daemon's program (pids of dead daemons are reused).
+pid_alive() { [[ -f $1 ]] && grep -qs "$(basename "$1" .pid | cut -d. -f1)" "/proc/$(cat "$1")/cmdline"; }
 
 up() {
     [[ $(id -u) == 0 ]] || die "the test bed's daemons run as root (SlurmUser=root); run as root"
     install
+    hosts_line
     if status >/dev/null 2>&1; then
         echo "slurm_testbed: already up"
         echo "export SLURM_CONF=$SLURM_CONF"
         return 0
     fi
     write_config
-    hosts_lines
     pid_alive "$DIR/munged.pid" || munged --force --key-file="$DIR/munge/munge.key" \
         --socket="$DIR/munge/munge.socket" --pid-file="$DIR/munged.pid" --log-file="$DIR/log/munged.log" \
         --seed-file="$DIR/munge/munged.seed"
@@ -128,7 +132,10 @@ up() {
 
 status() {
     [[ -f $SLURM_CONF ]] || { echo "slurm_testbed: down (no $SLURM_CONF)"; return 1; }
-    local idle
+    local idle node
+    for node in "${NODES[@]}"; do  # SLURM takes SlurmdTimeout to notice a dead slurmd
+        pid_alive "$DIR/slurmd.$node.pid" || { echo "slurm_testbed: no slurmd for $node"; return 1; }
+    done
     idle=$(sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 ~ /^(idle|mix|alloc)/' | wc -l)
     sinfo -N 2>/dev/null || true
     [[ $idle == "${#NODES[@]}" ]]
@@ -147,14 +154,36 @@ down() {
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
         kill -9 "$pid" 2>/dev/null || true
     done
-    if [[ -f /etc/hosts ]] && grep -q "$HOSTS_MARK" /etc/hosts; then
+    if [[ -f /etc/hosts ]] && grep -qxF "$HOSTS_LINE" /etc/hosts; then
         # /etc/hosts may be a bind mount (containers): rewrite it in place, never replace the file.
         local kept
-        kept=$(grep -v "$HOSTS_MARK" /etc/hosts)
+        kept=$(grep -vxF "$HOSTS_LINE" /etc/hosts)
         printf '%s\n' "$kept" > /etc/hosts
     fi
     rm -rf "$DIR"
     echo "slurm_testbed: down"
+}
+
+crash() {
+    local node=${1:-} pid fd environ _
+    [[ " ${NODES[*]} " == *" $node "* ]] || die "crash: name one of the nodes: ${NODES[*]}"
+    if pid_alive "$DIR/slurmd.$node.pid"; then kill -9 "$(cat "$DIR/slurmd.$node.pid")"; fi
+    rm -f "$DIR/slurmd.$node.pid"
+    for _ in 1 2; do  # twice: a process may start another while the first pass runs
+        for pid in $(pgrep -x slurmstepd); do  # a node's step daemons write to its slurmd's log
+            for fd in /proc/"$pid"/fd/*; do
+                if [[ $(readlink "$fd" 2>/dev/null) == */slurmd."$node".log ]]; then
+                    kill -9 "$pid" 2>/dev/null || true
+                    break
+                fi
+            done
+        done
+        while IFS= read -r environ; do  # the node's tasks and their children
+            pid=${environ#/proc/}
+            kill -9 "${pid%/environ}" 2>/dev/null || true
+        done < <(grep -lsx --null-data "SLURMD_NODENAME=$node" /proc/[0-9]*/environ)
+    done
+    echo "slurm_testbed: $node crashed (slurmd and every process on it killed); \`up\` brings it back"
 }
 
 case "${1:-}" in
@@ -162,5 +191,6 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     status) status ;;
-    *) die "usage: $0 install|up|down|status" ;;
+    crash) crash "${2:-}" ;;
+    *) die "usage: $0 install|up|down|status|crash NODE" ;;
 esac

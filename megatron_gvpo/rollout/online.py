@@ -24,8 +24,10 @@ scored, given reward 0, or left out with their group. Responses end at the check
 
 A server this run started that dies is restarted: whichever collective noticed (rollout, weight sync or
 evaluation) restarts it on rank 0, reconnects the weight sync, reloads the trainer's current weights and runs
-again (`rollout.max_server_restarts`). With `rollout.source: mix`, part of every batch is replayed from the
-newest earlier groups (`ReplayBuffer`); the trainer recomputes pi_old / pi_ref for them like for fresh ones.
+again (`rollout.max_server_restarts`). Attached servers that their launcher restarts (`rollout.urls_supervised`)
+are waited for instead, then reloaded the same way. With `rollout.source: mix`, part of every batch is replayed
+from the newest earlier groups (`ReplayBuffer`); the trainer recomputes pi_old / pi_ref for them like for fresh
+ones.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class RolloutConfig:
     """'mix': groups kept for replay (the newest; only groups that trained, i.e. not dropped)."""
     urls: list[str] = field(default_factory=list)
     """SGLang servers to attach to (http://host:port); empty: start `servers` of them from the trainer."""
+    urls_supervised: bool = False
+    """Whoever started the servers in `urls` starts a dead one again (megatron_gvpo/launch.py sets this: it restarts
+    the servers of its rollout nodes through srun). A failed rollout, sync or evaluation then waits, up to
+    startup_timeout_s, for the dead servers to answer again, loads the trainer's weights into them and runs again
+    (max_server_restarts). Otherwise a dead attached server ends the run."""
     servers: int = 1
     """SGLang servers to start (on this machine) when `urls` is empty."""
     server_tp: int = 1
@@ -117,7 +124,7 @@ class RolloutConfig:
     max_server_restarts: int = 3
     """Servers this run started that die (or stop answering /health) are restarted, reloaded with the
     trainer's current weights and the failed rollout, sync or evaluation is repeated, up to this many times
-    per process; then the error stands. Attached servers (`urls`) are never restarted."""
+    per process; then the error stands. Attached servers (`urls`) are waited for only when `urls_supervised`."""
     eval_interval: int = 0
     """Evaluate every this many rollout steps (and before the first and after the last); 0: only those two."""
     eval_offline: bool = False
@@ -152,6 +159,9 @@ class RolloutConfig:
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"rollout.urls: {url!r} must start with http:// or https://")
+        if self.urls_supervised and not self.urls:
+            raise ValueError("rollout.urls_supervised=true but rollout.urls is empty: it says who restarts attached "
+                             "servers; the servers the trainer starts itself it restarts itself")
         if self.mode == "async" and self.source == "offline":
             raise ValueError("rollout.mode='async' overlaps generation with training: it needs rollout.source "
                              "'online' or 'mix'")
@@ -236,7 +246,8 @@ class OnlineSource:
         # An instruct model ends its turn with its own token (generation_config.json), not only config.json's EOS.
         self.stop_token_ids = eos_token_ids(cfg.model.path, tokenizer)
         self.servers, self.client, self.weights = [], None, None
-        self.restarts = 0  # servers restarted (rank 0 restarts them)
+        self.restarts = 0  # servers restarted (rank 0 restarts them, or waits for their supervisor to)
+        self.synced = False  # rank 0: the servers have had this run's weights (attached ones start without)
         self.reconnects = 0  # recoveries, on every rank: names the weight-sync groups
 
         # Servers start from the trainer's weights, so they agree with it whatever initialised or resumed it.
@@ -335,8 +346,11 @@ class OnlineSource:
             self.pipeline.resubmit_all()
 
     def _restart_dead_servers(self, error: RolloutError) -> tuple[list[str] | None, str | None]:
+        """Rank 0: (the servers' urls, None), or (None, why the error stands)."""
         from megatron_gvpo.rollout.sglang import health
 
+        if self.r.urls:
+            return self._await_restarted_servers(error)
         dead = [s for s in self.servers if not s.alive() or not health(s.url)]
         if not dead:
             return None, f"{error} (no server this run started has died, so there is nothing to restart)"
@@ -354,6 +368,36 @@ class OnlineSource:
         urls = [s.url for s in self.servers]
         self._new_client(urls)
         return urls, None
+
+    def _await_restarted_servers(self, error: RolloutError) -> tuple[list[str] | None, str | None]:
+        """Rank 0, attached servers: those that died (no answer, or, once synced, weights other than this run's:
+        started again already) are awaited until they answer, within rollout.startup_timeout_s."""
+        from megatron_gvpo.rollout.sglang import health, weight_version
+
+        if not self.r.urls_supervised:
+            return None, (f"{error} (the servers in rollout.urls are not restarted by this run; with "
+                          "rollout.urls_supervised=true it waits for whoever started them to start them again)")
+
+        def restarted(url: str) -> bool:
+            served = weight_version(url)
+            return served is None or (self.synced and not served.startswith("step-"))
+
+        dead = [url for url in self.urls if restarted(url)]
+        if not dead:
+            return None, f"{error} (every server in rollout.urls answers with this run's weights: none died)"
+        if self.restarts + len(dead) > self.r.max_server_restarts:
+            return None, (f"{error} ({len(dead)} dead server(s); rollout.max_server_restarts="
+                          f"{self.r.max_server_restarts} restarts, {self.restarts} used)")
+        deadline = time.monotonic() + self.r.startup_timeout_s
+        for url in dead:
+            while not health(url):
+                if time.monotonic() > deadline:
+                    return None, (f"{error}; {url} did not answer again within rollout.startup_timeout_s="
+                                  f"{self.r.startup_timeout_s:.0f} s (its launcher restarts it: see its log)")
+                time.sleep(1.0)
+            self.restarts += 1
+        self._new_client(self.urls)
+        return self.urls, None
 
     # ------------------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[dict, dict]:
@@ -496,7 +540,7 @@ class OnlineSource:
         finally:
             if self.rank0 and pause:
                 self._continue_generation()
-        self.version = new
+        self.version, self.synced = new, True
 
     def _update(self, new: str) -> None:
         from megatron_gvpo.rollout.weight_sync import sync_weights_from_disk, sync_weights_from_tensor

@@ -429,6 +429,14 @@ def health(url: str, timeout_s: float = 5.0) -> bool:
         return False
 
 
+def weight_version(url: str, timeout_s: float = 5.0) -> str | None:
+    """The weight version a server answers with (/model_info), None when it does not answer."""
+    try:
+        return _http(f"{url}/model_info", None, timeout_s).get("weight_version")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, AttributeError):
+        return None
+
+
 def _routed_experts(encoded: str | None, tokens: int, shape: tuple[int, int], url: str):
     """SGLang's meta_info.routed_experts (base64 of int32 [tokens, layers, top_k], C order) as an int64 tensor."""
     import base64
