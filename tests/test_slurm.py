@@ -1,7 +1,8 @@
 """`sbatch launch/gvpo_70b.sh` on a real SLURM cluster: tools/slurm_testbed.sh's slurmctld and two slurmd nodes
 on this machine (Debian's slurm-wlm, installed by the script), started for this module and stopped after it.
 
-- The test bed: `up` twice is one cluster, `down` leaves no daemon behind.
+- The test bed: `up` twice is one cluster, `down` leaves no daemon behind; where cgroups can be made, what a
+  step daemonized dies with the step.
 - The two shapes the launcher knows, each run to completion through sbatch and compared, metric by metric, with
   a run of the same config and seed without SLURM: (a) one node trains and the other serves SGLang and the
   router (the 70B config's shape); (b) both nodes train, one torchrun each, joined by the c10d rendezvous over
@@ -77,6 +78,20 @@ def test_testbed_up_again_is_the_same_cluster(slurm):
     hosts = subprocess.run(["srun", "-N2", "bash", "-c", "echo $SLURMD_NODENAME"], env=slurm, capture_output=True,
                            text=True, timeout=60)
     assert sorted(hosts.stdout.split()) == ["gvpo-n1", "gvpo-n2"], hosts.stderr
+
+
+def test_what_a_step_leaves_behind_dies_with_it(slurm):
+    """Where the machine lets root make cgroups, the test bed tracks a job's processes in them, as real clusters
+    do: a process a step daemonized (an orphan, out of reach of parent-pid tracking) dies when the step ends."""
+    if "ProctrackType=proctrack/cgroup" not in Path(slurm["SLURM_CONF"]).read_text():
+        pytest.skip("no writable cgroup v1 freezer here: the test bed tracks processes by parent pid")
+    seconds = f"{1000 + free_port() % 1000}.5"  # names this test's orphan
+    step = subprocess.run(["srun", "-N1", "-w", "gvpo-n2", "bash", "-c",
+                           f"setsid nohup sleep {seconds} >/dev/null 2>&1 & cat /proc/self/cgroup"], env=slurm,
+                          capture_output=True, text=True, timeout=60)
+    assert "freezer:/slurm_gvpo-n2/" in step.stdout, step.stdout + step.stderr
+    orphan = ["pgrep", "-f", f"^sleep {seconds}$"]
+    wait_for("the orphan outlived its step", lambda: subprocess.run(orphan).returncode == 1, timeout_s=30)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,11 @@
 #                                    # jobs and every process running on it are SIGKILLed; `up` brings it back
 #
 # `up` and `down` are idempotent: `up` on a running test bed only checks it, `down` on none does nothing.
-# One host as several nodes: each slurmd gets its own Port= and NodeAddr=127.0.0.1 (slurmd -N <name>), processes
-# are tracked without cgroups (proctrack/linuxproc, task/none: containers often lack a writable cgroup tree), and
-# config_overrides lets both nodes claim the machine's CPUs.
+# One host as several nodes: each slurmd gets its own Port= and NodeAddr=127.0.0.1 (slurmd -N <name>), and
+# config_overrides lets both nodes claim the machine's CPUs. A job's processes are tracked in cgroups (v1 freezer,
+# /sys/fs/cgroup/freezer/slurm_<node>/...) where the machine lets root make one, so that what a step leaves
+# behind dies with it as on a real cluster; otherwise by parent pid (proctrack/linuxproc), which loses processes
+# that daemonize. CPUs and memory are not constrained: both nodes share this machine.
 set -euo pipefail
 
 DIR=${SLURM_TESTBED_DIR:-/tmp/gvpo-slurm}
@@ -42,8 +44,13 @@ install() {
         slurmctld slurmd slurm-client munge >/dev/null
 }
 
+cgroup_v1_writable() {
+    local probe=/sys/fs/cgroup/freezer/gvpo-testbed-probe-$$
+    mkdir "$probe" 2>/dev/null && rmdir "$probe"
+}
+
 write_config() {
-    local cpus mem
+    local cpus mem proctrack=proctrack/linuxproc task=task/none
     cpus=$(nproc --all)  # not OMP_NUM_THREADS, which nproc alone honours
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))  # MiB per node: half each
     mkdir -p "$DIR"/{state,log,munge,spool}
@@ -51,6 +58,12 @@ write_config() {
     if [[ ! -f $DIR/munge/munge.key ]]; then
         head -c 1024 /dev/urandom > "$DIR/munge/munge.key"
         chmod 400 "$DIR/munge/munge.key"
+    fi
+    rm -f "$DIR/cgroup.conf"
+    if cgroup_v1_writable; then
+        proctrack=proctrack/cgroup task=task/cgroup
+        printf '%s\n' "CgroupPlugin=cgroup/v1" "CgroupMountpoint=/sys/fs/cgroup" "ConstrainCores=no" \
+            "ConstrainRAMSpace=no" "ConstrainDevices=no" > "$DIR/cgroup.conf"  # read beside slurm.conf
     fi
     {
         echo "ClusterName=gvpo-testbed"
@@ -67,8 +80,8 @@ write_config() {
         echo "SlurmdPidFile=$DIR/slurmd.%n.pid"
         echo "SlurmctldLogFile=$DIR/log/slurmctld.log"
         echo "SlurmdLogFile=$DIR/log/slurmd.%n.log"
-        echo "ProctrackType=proctrack/linuxproc"
-        echo "TaskPlugin=task/none"
+        echo "ProctrackType=$proctrack"
+        echo "TaskPlugin=$task"
         echo "MpiDefault=none"
         echo "SelectType=select/cons_tres"
         echo "SelectTypeParameters=CR_CPU"
@@ -126,7 +139,7 @@ up() {
         fi
         sleep 1
     done
-    echo "slurm_testbed: up: ${NODES[*]} in partition testbed"
+    echo "slurm_testbed: up: ${NODES[*]} in partition testbed ($(grep -o 'proctrack/[a-z]*' "$SLURM_CONF"))"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
@@ -160,6 +173,12 @@ down() {
         kept=$(grep -vxF "$HOSTS_LINE" /etc/hosts)
         printf '%s\n' "$kept" > /etc/hosts
     fi
+    local node
+    for node in "${NODES[@]}"; do  # the nodes' empty cgroups (rmdir refuses one that holds processes)
+        if [[ -d /sys/fs/cgroup/freezer/slurm_$node ]]; then
+            find "/sys/fs/cgroup/freezer/slurm_$node" -depth -type d -exec rmdir {} + 2>/dev/null || true
+        fi
+    done
     rm -rf "$DIR"
     echo "slurm_testbed: down"
 }
