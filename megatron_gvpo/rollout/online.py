@@ -346,58 +346,59 @@ class OnlineSource:
             self.pipeline.resubmit_all()
 
     def _restart_dead_servers(self, error: RolloutError) -> tuple[list[str] | None, str | None]:
-        """Rank 0: (the servers' urls, None), or (None, why the error stands)."""
-        from megatron_gvpo.rollout.sglang import health
+        """Rank 0: (the servers' urls, None), or (None, why the error stands). The servers this run started are
+        started again here; attached ones (`rollout.urls`) are awaited while whoever started them does it."""
+        from megatron_gvpo.rollout.sglang import health, weight_version
 
-        if self.r.urls:
-            return self._await_restarted_servers(error)
-        dead = [s for s in self.servers if not s.alive() or not health(s.url)]
+        attached = bool(self.r.urls)
+        if attached and not self.r.urls_supervised:
+            return None, (f"{error} (the servers in rollout.urls are not restarted by this run; with "
+                          "rollout.urls_supervised=true it waits for whoever started them to start them again)")
+        if attached:  # dead: no answer, or, once synced, weights other than this run's (started again already)
+            dead = [url for url in self.urls
+                    if (served := weight_version(url)) is None or (self.synced and not served.startswith("step-"))]
+            none_died = "every server in rollout.urls answers with this run's weights: none died"
+        else:
+            dead = [s for s in self.servers if not s.alive() or not health(s.url)]
+            none_died = "no server this run started has died, so there is nothing to restart"
         if not dead:
-            return None, f"{error} (no server this run started has died, so there is nothing to restart)"
+            return None, f"{error} ({none_died})"
         if self.restarts + len(dead) > self.r.max_server_restarts:
             return None, (f"{error} ({len(dead)} dead server(s); rollout.max_server_restarts="
                           f"{self.r.max_server_restarts} restarts, {self.restarts} used)")
-        for server in dead:
+        failure = self._await_answers(dead) if attached else self._start_again(dead)
+        if failure:
+            return None, f"{error}; {failure}"
+        self.restarts += len(dead)
+        urls = self.urls if attached else [s.url for s in self.servers]
+        self._new_client(urls)
+        return urls, None
+
+    @staticmethod
+    def _start_again(servers) -> str | None:
+        """Rank 0: restart servers this run started; None, or what failed."""
+        for server in servers:
             server.stop()
             server.cfg.weight_version = "restarted"  # until the trainer's weights arrive as self.version
             try:
                 server.start()
             except RolloutError as e:
-                return None, f"{error}; restarting {server.url} failed too: {e}"
-            self.restarts += 1
-        urls = [s.url for s in self.servers]
-        self._new_client(urls)
-        return urls, None
+                return f"restarting {server.url} failed too: {e}"
+        return None
 
-    def _await_restarted_servers(self, error: RolloutError) -> tuple[list[str] | None, str | None]:
-        """Rank 0, attached servers: those that died (no answer, or, once synced, weights other than this run's:
-        started again already) are awaited until they answer, within rollout.startup_timeout_s."""
-        from megatron_gvpo.rollout.sglang import health, weight_version
+    def _await_answers(self, urls: list[str]) -> str | None:
+        """Rank 0: wait, within rollout.startup_timeout_s, until attached servers answer again; None, or which
+        did not."""
+        from megatron_gvpo.rollout.sglang import health
 
-        if not self.r.urls_supervised:
-            return None, (f"{error} (the servers in rollout.urls are not restarted by this run; with "
-                          "rollout.urls_supervised=true it waits for whoever started them to start them again)")
-
-        def restarted(url: str) -> bool:
-            served = weight_version(url)
-            return served is None or (self.synced and not served.startswith("step-"))
-
-        dead = [url for url in self.urls if restarted(url)]
-        if not dead:
-            return None, f"{error} (every server in rollout.urls answers with this run's weights: none died)"
-        if self.restarts + len(dead) > self.r.max_server_restarts:
-            return None, (f"{error} ({len(dead)} dead server(s); rollout.max_server_restarts="
-                          f"{self.r.max_server_restarts} restarts, {self.restarts} used)")
         deadline = time.monotonic() + self.r.startup_timeout_s
-        for url in dead:
+        for url in urls:
             while not health(url):
                 if time.monotonic() > deadline:
-                    return None, (f"{error}; {url} did not answer again within rollout.startup_timeout_s="
-                                  f"{self.r.startup_timeout_s:.0f} s (its launcher restarts it: see its log)")
+                    return (f"{url} did not answer again within rollout.startup_timeout_s="
+                            f"{self.r.startup_timeout_s:.0f} s (its launcher restarts it: see its log)")
                 time.sleep(1.0)
-            self.restarts += 1
-        self._new_client(self.urls)
-        return self.urls, None
+        return None
 
     # ------------------------------------------------------------------------------------------------
     def next_batch(self) -> tuple[dict, dict]:
