@@ -84,8 +84,8 @@ def trainer_scores(model_dir: Path, prompts, groups):
     from a single-process Megatron model on the exported weights."""
     import torch.distributed as dist
 
-    from megatron_gvpo.config import ParallelConfig
-    from megatron_gvpo.data.offline import Group, collate
+    from megatron_gvpo.megatron.config import ParallelConfig
+    from megatron_gvpo.data.groups import collate, Group
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel

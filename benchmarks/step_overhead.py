@@ -70,7 +70,7 @@ def setup(s: dict):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from transformers import LlamaConfig
 
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import initialize_parallel

@@ -78,7 +78,7 @@ def trainer(model_dir: Path):
     """A one-process Megatron trainer holding the model: (engine, arch, ctx, padded vocabulary)."""
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.engine import MegatronEngine
+    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
@@ -90,7 +90,7 @@ def trainer(model_dir: Path):
                                         "train.global_batch_size=2", "train.micro_batch_size=2"])
     ctx = initialize_parallel(cfg.parallel, seed=0)
     arch = arch_from_hf(load_hf_config(model_dir))
-    engine = MegatronEngine(cfg, arch, ctx, hf_weights(model_dir, "pretrained", 0))
+    engine = build_engine(cfg, arch, ctx, hf_weights(model_dir, "pretrained", 0))
     return engine, arch, ctx, padded_vocab_size(arch.vocab_size, ctx.tp_size)
 
 

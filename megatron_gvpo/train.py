@@ -26,7 +26,8 @@ import yaml
 
 from megatron_gvpo.config import Config, add_config_arguments, load_config, to_dict
 from megatron_gvpo.data.chat import PromptEncoder
-from megatron_gvpo.data.offline import GroupSampler, collate, load_groups
+from megatron_gvpo.data.groups import collate, GroupSampler
+from megatron_gvpo.data.offline import load_groups
 from megatron_gvpo.utils.cli import run_main, user_errors
 from megatron_gvpo.utils.logging import MetricsSink, get_logger
 
@@ -38,7 +39,6 @@ def build(cfg: Config):
 
     check_model_paths(cfg.model.path, cfg.model.tokenizer, cfg.model.load)  # before seconds of imports
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.engine import MegatronEngine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf
     from megatron_gvpo.utils.distributed import init_distributed
@@ -51,10 +51,19 @@ def build(cfg: Config):
         arch = arch_from_hf(load_hf_config(cfg.model.path))
         arch.check_sequence_length(cfg.model.seq_length)
         hf_state = None if cfg.model.load else hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed)
-        return MegatronEngine(cfg, arch, ctx, hf_state), arch, load_tokenizer(cfg)
+        return build_engine(cfg, arch, ctx, hf_state), arch, load_tokenizer(cfg)
     except BaseException:
         destroy_parallel()  # a process that goes on (a notebook, a test worker) can build again
         raise
+
+
+def build_engine(cfg: Config, arch, ctx, hf_state):
+    """The policy on Megatron, given the config sections it reads."""
+    from megatron_gvpo.megatron.engine import MegatronEngine
+
+    return MegatronEngine(arch, ctx, hf_state, model=cfg.model, parallel=cfg.parallel, train=cfg.train,
+                          algo=cfg.algo, moe=cfg.moe, routing_replay=cfg.rollout.routing_replay,
+                          max_new_tokens=cfg.rollout.max_new_tokens)
 
 
 class OfflineSource:

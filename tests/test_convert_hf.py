@@ -53,7 +53,7 @@ def train_layout_checkpoint_run(hf_dir, megatron_dir, out_dir, tp, pp, layout=()
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.megatron.checkpoint import save_checkpoint
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.engine import MegatronEngine
+    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf
     from megatron_gvpo.models.hf_io import load_hf_config
@@ -67,7 +67,7 @@ def train_layout_checkpoint_run(hf_dir, megatron_dir, out_dir, tp, pp, layout=()
     ])
     ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
     try:
-        engine = MegatronEngine(cfg, arch_from_hf(load_hf_config(hf_dir)), ctx, None)
+        engine = build_engine(cfg, arch_from_hf(load_hf_config(hf_dir)), ctx, None)
         with checkpoint_helpers_allowed():
             return str(save_checkpoint(engine, out_dir, 0, {}))
     finally:

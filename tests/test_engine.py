@@ -152,7 +152,7 @@ def _engine_for(overrides, total_steps=4):
     """An engine on the tiny Llama for `overrides`, a fixed batch of 4 groups of 4, and its teardown."""
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.engine import MegatronEngine
+    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
@@ -165,7 +165,7 @@ def _engine_for(overrides, total_steps=4):
     ])
     ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
     arch = arch_from_hf(load_hf_config(cfg.model.path))
-    engine = MegatronEngine(cfg, arch, ctx, hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed))
+    engine = build_engine(cfg, arch, ctx, hf_weights(cfg.model.path, cfg.model.resolved_init, cfg.run.seed))
     batch = make_batch([4, 4, 4, 4], seed=3)
     batch["tokens"] = batch["tokens"] % arch.vocab_size
     batch["targets"] = batch["targets"] % arch.vocab_size

@@ -63,7 +63,7 @@ def layouts_left_as_a_test_leaves_them():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
 

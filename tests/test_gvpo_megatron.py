@@ -77,7 +77,7 @@ def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False, sequence_pa
     (last stage), the (TP, expert-TP) ranks and this rank's gradient shards by global name."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, return_hidden_states, token_multiple, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
@@ -321,7 +321,7 @@ def test_router_losses_are_added_and_logged_as_megatron_does(gloo, model_type, d
     the router losses of transformers' router logits, each data-parallel rank's rows on their own and averaged
     over the ranks (Megatron's scaling); the GVPO loss is reported alone and each router loss is logged
     without its coefficient, averaged over MoE layers."""
-    from megatron_gvpo.config import MoEConfig
+    from megatron_gvpo.megatron.config import MoEConfig
 
     moe = MoEConfig(aux_loss_coeff=0.3, z_loss_coeff=0.05)
     batch = make_batch([4, 4, 4, 4])

@@ -137,7 +137,7 @@ def megatron_logits_run(model_type, tied, tp, pp, megatron_checkpoint=None, ep=1
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_gvpo.config import MoEConfig, ParallelConfig
+    from megatron_gvpo.megatron.config import MoEConfig, ParallelConfig
     from megatron_gvpo.megatron.checkpoint import load_model_weights
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
@@ -276,7 +276,7 @@ def test_sequence_parallelism_needs_tensor_parallelism():
 
 
 def test_moe_layout_errors_name_the_fields():
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.model import transformer_config
 
     moe = arch_from_hf(tiny_hf_config("qwen3_moe", False))  # 8 experts of width 32
@@ -297,7 +297,7 @@ def test_moe_layout_errors_name_the_fields():
 def write_hf_run(model_type, tp, ep, etp, pp, assets, out):
     """Every rank: load the tiny model's weights into its shard (experts split over EP and expert TP) and write
     them back as an HF checkpoint with the weight sync's writer (a collective)."""
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.rollout.weight_sync import write_hf_checkpoint

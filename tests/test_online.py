@@ -21,7 +21,7 @@ import torch
 
 from megatron_gvpo.algo import gvpo_loss
 from megatron_gvpo.data.prompts import PromptDataConfig, load_prompts
-from megatron_gvpo.data.offline import Group
+from megatron_gvpo.data.groups import Group
 from megatron_gvpo.rollout.online import ReplayBuffer, _ungroup
 from tests.processes import metrics_records
 

@@ -460,7 +460,7 @@ def weight_sync_run(model_dir, url, sync_dir, method, layout=TP2_PP2):
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.data.batch import make_targets
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.megatron.engine import MegatronEngine
+    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
@@ -478,7 +478,7 @@ def weight_sync_run(model_dir, url, sync_dir, method, layout=TP2_PP2):
     ctx = initialize_parallel(cfg.parallel, seed=cfg.run.seed)
     try:
         arch = arch_from_hf(load_hf_config(model_dir))
-        engine = MegatronEngine(cfg, arch, ctx, hf_weights(model_dir, "pretrained", 0))
+        engine = build_engine(cfg, arch, ctx, hf_weights(model_dir, "pretrained", 0))
         g = torch.Generator().manual_seed(5)
         tokens = torch.randint(3, arch.vocab_size, (4, 12), generator=g)
         response = torch.zeros(4, 12, dtype=torch.bool)
@@ -534,7 +534,7 @@ def test_weight_sync_makes_sglang_score_like_the_trainer(gloo, server, model_dir
 
 def unreachable_sync_run(url):
     """Both ranks of a TP2 trainer sync to a server that is not there; each returns the error it got."""
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.rollout.weight_sync import DistributedWeightSync, sync_weights_from_tensor

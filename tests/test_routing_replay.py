@@ -58,7 +58,7 @@ def replay_logits_run(model_type, tp, ep, pp, routes):
     import torch.distributed as dist
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.megatron.routing_replay import moe_routers, record_routes, recorded_routes
@@ -181,7 +181,7 @@ def test_unsupported_layouts_are_refused():
 def test_collate_aligns_routes_with_the_rows():
     """A group's routes (one per response: prompt + response - 1 positions) land on their row's tokens; the
     last token and the padding get distinct experts 0..k-1; a route count that does not fit its row fails."""
-    from megatron_gvpo.data.offline import Group, collate
+    from megatron_gvpo.data.groups import collate, Group
 
     routes = [torch.full((3 + r - 1, 2, 2), 7 + r, dtype=torch.int16) for r in (2, 4)]
     group = Group((1, 2, 3), ((4, 5), (4, 5, 6, 7)), (1.0, 0.0), "test:1", tuple(routes))

@@ -180,7 +180,7 @@ def test_fp8_padding_leaves_the_head_unchanged(packing, fused):
     """FP8 GEMMs need token counts in multiples of 16 (32 for MXFP8): padding every sequence (THD) or the
     micro-batch width (padded) that far adds only unscored positions, so log-probs, loss and gradients equal the
     unpadded layout's."""
-    from megatron_gvpo.config import ModelConfig
+    from megatron_gvpo.megatron.config import ModelConfig
     from megatron_gvpo.megatron.fp8 import fp8_pad_multiple
 
     multiple = fp8_pad_multiple(ModelConfig(dtype="bfloat16", fp8="hybrid"))

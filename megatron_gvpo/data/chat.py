@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_gvpo.data.records import RowError
+from megatron_gvpo.data.tokenizer import adapt_tokenizer
 
 
 class PromptEncoder:
@@ -32,13 +33,11 @@ class PromptEncoder:
     `RowError` naming the field; a missing template raises ValueError (no row can fix it)."""
 
     def __init__(self, tokenizer: Any, cfg: Any, vocab_size: int | None = None):
-        from megatron_gvpo.data.offline import OfflineDataConfig, _adapt_tokenizer
-
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.vocab_size = vocab_size
         # Either kind of tokenizer behind one encode(); refuses a tokenizer with ids the model has no row for.
-        self._adapted = _adapt_tokenizer(tokenizer, OfflineDataConfig(append_eos=False), vocab_size)
+        self._adapted = adapt_tokenizer(tokenizer, vocab_size)
         self.template: str | None = getattr(tokenizer, "chat_template", None)
         if cfg.chat_template_path:
             path = Path(cfg.chat_template_path)

@@ -2,9 +2,8 @@
 
 GVPO's optimum does not depend on the sampling distribution (gvpo-reference.md, Theorem 3.1), so a fixed
 dataset of k scored responses per prompt trains correctly with no importance weights: this is a first-class
-mode, not an approximation. This module reads such a file into `Group`s, iterates over them in a
-deterministic, resumable order (`GroupSampler`) and builds the trainer's batch dict (`collate`, the format of
-megatron_gvpo/data/batch.py).
+mode, not an approximation. This module reads such a file into `Group`s (data/groups.py, which also orders
+them, `GroupSampler`, and batches them for the trainer, `collate`).
 
 JSONL schema (one JSON object per line, one line per prompt; blank lines are ignored; line numbers in error
 messages count every physical line from 1). A row takes exactly one of two forms:
@@ -54,20 +53,15 @@ million responses).
 
 from __future__ import annotations
 
-import json
 import math
-import random
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-import torch
 
-from megatron_gvpo.data.batch import BEHAVIOUR_KEY, ROUTES_KEY, make_targets, unrouted
+from megatron_gvpo.data.chat import PromptEncoder
+from megatron_gvpo.data.groups import Group
 from megatron_gvpo.data.records import BadRecord, RowError, read_records
-
-if TYPE_CHECKING:
-    from megatron_gvpo.data.chat import PromptEncoder
+from megatron_gvpo.data.tokenizer import TokenizerAdapter, adapt_tokenizer
 
 SKIP_REASONS = (
     "not_json",  # the line does not parse as JSON
@@ -131,23 +125,6 @@ class OfflineDataConfig:
         return self.max_prompt_tokens + self.max_response_tokens
 
 
-@dataclass(frozen=True)
-class Group:
-    """One prompt with its scored responses (k = len(response_ids) >= 2)."""
-
-    prompt_ids: tuple[int, ...]
-    response_ids: tuple[tuple[int, ...], ...]
-    rewards: tuple[float, ...]
-    source: str
-    """Where the row came from, "path:line"."""
-    routes: tuple[torch.Tensor, ...] | None = None
-    """Per response, the experts the rollout engine routed its tokens to (routing replay): int16
-    [prompt + response - 1 tokens, MoE layers, top_k]; None without routing replay."""
-    behaviour_logprobs: tuple[tuple[float, ...], ...] | None = None
-    """Per response, log pi_behaviour(token | prefix) of each of its tokens under the weights that sampled it
-    (the rollout engine's), for the baselines' importance correction; None when not asked for."""
-
-
 @dataclass
 class DataStats:
     """What `load_groups` did with the file."""
@@ -175,66 +152,6 @@ class DataStats:
             f"{self.rows_kept}/{self.rows_read} rows kept ({self.responses_kept} responses, "
             f"{self.equal_reward_groups} with all-equal rewards); skipped: {skipped}"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizer adapter: transformers tokenizers and raw `tokenizers.Tokenizer` behind one small interface
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _TokenizerAdapter:
-    encode_fn: Callable[[str, bool], list[int]]
-    eos_id: int | None
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.encode_fn(text, add_special_tokens)
-
-
-def _adapt_tokenizer(tokenizer: Any, cfg: OfflineDataConfig, vocab_size: int | None) -> _TokenizerAdapter:
-    """Wrap a transformers tokenizer or a `tokenizers.Tokenizer`; resolve the EOS id when append_eos; refuse a
-    tokenizer with more ids than the model has embeddings (a model larger than its tokenizer is common and fine:
-    vocabularies are padded)."""
-    import tokenizers  # light; transformers is only touched through the object it made
-
-    if isinstance(tokenizer, tokenizers.Tokenizer):
-
-        def encode(text: str, add_special_tokens: bool) -> list[int]:
-            return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
-
-        vocab = tokenizer.get_vocab(with_added_tokens=True)
-        size = tokenizer.get_vocab_size(with_added_tokens=True)
-        default_eos = None
-    elif hasattr(tokenizer, "encode") and hasattr(tokenizer, "get_vocab"):
-        # transformers.PreTrainedTokenizerBase (duck-typed so this module does not import transformers).
-        def encode(text: str, add_special_tokens: bool) -> list[int]:
-            return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-
-        vocab = tokenizer.get_vocab()
-        size = len(tokenizer)  # includes added tokens, unlike tokenizer.vocab_size
-        default_eos = getattr(tokenizer, "eos_token", None)
-    else:
-        raise ValueError(
-            f"tokenizer must be a transformers tokenizer or a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
-        )
-    if vocab_size is not None and size > vocab_size:
-        raise ValueError(
-            f"the tokenizer has {size} tokens (added tokens included) but the model's vocab_size is {vocab_size}: "
-            f"ids {vocab_size}..{size - 1} have no embedding. Use the model's own tokenizer (model.tokenizer) or "
-            "resize the model's embeddings before training"
-        )
-    eos_id = None
-    if cfg.append_eos:
-        eos_token = cfg.eos_token if cfg.eos_token is not None else default_eos
-        if eos_token is None:
-            raise ValueError(
-                "data.append_eos is set but the tokenizer has no eos_token; set data.eos_token "
-                "(required with a raw tokenizers.Tokenizer) or data.append_eos=false"
-            )
-        if eos_token not in vocab:
-            raise ValueError(f"data.eos_token {eos_token!r} is not in the tokenizer's vocabulary")
-        eos_id = vocab[eos_token]
-    return _TokenizerAdapter(encode, eos_id)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,7 +208,7 @@ def _check_tokenized(ids: list[int], field_name: str, vocab_size: int | None) ->
 
 
 def _parse_row(
-    row: Any, cfg: OfflineDataConfig, tokenizer: _TokenizerAdapter | None, vocab_size: int | None, where: str,
+    row: Any, cfg: OfflineDataConfig, tokenizer: TokenizerAdapter | None, vocab_size: int | None, where: str,
     prompt_encoder: PromptEncoder | None = None,
 ) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...], tuple[float, ...]]:
     """(prompt_ids, response_ids, rewards) of one decoded JSON row, or _BadRow."""
@@ -408,7 +325,8 @@ def load_groups(
     chat template, as online prompts are (data/chat.py); None: such rows fail.
     """
     cfg.validate()
-    adapter = _adapt_tokenizer(tokenizer, cfg, vocab_size) if tokenizer is not None else None
+    adapter = (adapt_tokenizer(tokenizer, vocab_size, append_eos=cfg.append_eos, eos_token=cfg.eos_token)
+               if tokenizer is not None else None)
 
     groups: list[Group] = []
     stats = DataStats()
@@ -435,154 +353,3 @@ def load_groups(
         detail = "; ".join(stats.first_error.values()) or "the file has no rows"
         raise ValueError(f"{cfg.path}: no usable rows ({stats.summary()}): {detail}")
     return groups, stats
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Iteration and batching
-# ---------------------------------------------------------------------------------------------------------
-
-
-class GroupSampler:
-    """Endless, deterministic iteration over groups in epochs, resumable from `state_dict()`.
-
-    Epoch e visits every group once, in file order or (shuffle) in a permutation seeded with seed + e, so the
-    order depends only on (seed, epoch) and a resumed run sees exactly the data an uninterrupted run would.
-    Every batch has exactly groups_per_step groups: a batch that reaches the end of an epoch is completed from
-    the start of the next one (no data is dropped, and with shuffle=False no tail is ever skipped).
-    """
-
-    def __init__(self, groups: Sequence[Group], groups_per_step: int, seed: int, shuffle: bool = True):
-        if not groups:
-            raise ValueError("GroupSampler needs at least one group")
-        if groups_per_step < 1 or groups_per_step > len(groups):
-            raise ValueError(
-                f"groups_per_step={groups_per_step} must be between 1 and the number of groups ({len(groups)})"
-            )
-        self.groups = groups
-        self.groups_per_step = groups_per_step
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-        self.position = 0
-        self._order = self._epoch_order(0)
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.groups)))
-        if self.shuffle:
-            # random.Random's shuffle is stable across Python versions and platforms for a given integer seed.
-            random.Random(self.seed + epoch).shuffle(order)
-        return order
-
-    def next_batch(self, count: int | None = None) -> list[Group]:
-        """The next `count` (default groups_per_step) groups."""
-        count = self.groups_per_step if count is None else count
-        batch = []
-        while len(batch) < count:
-            if self.position == len(self._order):
-                self.epoch += 1
-                self.position = 0
-                self._order = self._epoch_order(self.epoch)
-            take = min(count - len(batch), len(self._order) - self.position)
-            batch.extend(self.groups[i] for i in self._order[self.position : self.position + take])
-            self.position += take
-        return batch
-
-    def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "num_groups": len(self.groups),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        # The order is a function of (seed, epoch, number of groups): a different dataset size would resume
-        # into a different permutation without any error, so refuse it.
-        if state["num_groups"] != len(self.groups):
-            raise ValueError(
-                f"sampler state is for {state['num_groups']} groups but the dataset has {len(self.groups)}; "
-                "the data file changed since the checkpoint"
-            )
-        if not 0 <= state["position"] <= len(self.groups):
-            raise ValueError(f"sampler state position {state['position']} is outside [0, {len(self.groups)}]")
-        self.seed = int(state["seed"])
-        self.shuffle = bool(state.get("shuffle", self.shuffle))
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._order = self._epoch_order(self.epoch)
-
-
-def collate(groups: Sequence[Group], seq_len: int | None = None, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """The trainer's batch (megatron_gvpo/data/batch.py) for these groups, one row per response.
-
-    Row = prompt + response, right-padded with pad_id to seq_len (None: the longest row). Rows of group g are
-    contiguous and group_ids[row] = g, the group's index in `groups` (so a group repeated in the list gets two
-    ids). Padding is never scored: loss_mask is True only where the next token is a response token.
-    """
-    if not groups:
-        raise ValueError("collate needs at least one group")
-    rows = [(g.prompt_ids, r) for g in groups for r in g.response_ids]
-    longest = max(len(p) + len(r) for p, r in rows)
-    if seq_len is None:
-        seq_len = longest
-    elif longest > seq_len:
-        where = next(g.source for g in groups for r in g.response_ids if len(g.prompt_ids) + len(r) == longest)
-        raise ValueError(
-            f"a row of {longest} tokens ({where}) does not fit seq_len={seq_len}; raise seq_len to at least "
-            "max_prompt_tokens + max_response_tokens"
-        )
-    tokens = torch.full((len(rows), seq_len), pad_id, dtype=torch.int64)
-    response_mask = torch.zeros((len(rows), seq_len), dtype=torch.bool)
-    for n, (prompt, response) in enumerate(rows):
-        p, r = len(prompt), len(response)
-        tokens[n, :p] = torch.tensor(prompt, dtype=torch.int64)
-        tokens[n, p : p + r] = torch.tensor(response, dtype=torch.int64)
-        response_mask[n, p : p + r] = True
-    targets, loss_mask = make_targets(tokens, response_mask)
-    rewards = torch.tensor([x for g in groups for x in g.rewards], dtype=torch.float32)
-    group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.response_ids], dtype=torch.int64)
-    batch = {"tokens": tokens, "loss_mask": loss_mask, "targets": targets, "rewards": rewards, "group_ids": group_ids}
-    if any(g.routes is not None for g in groups):
-        batch[ROUTES_KEY] = _collate_routes(groups, seq_len)
-    if any(g.behaviour_logprobs is not None for g in groups):
-        batch[BEHAVIOUR_KEY] = _collate_behaviour_logprobs(groups, seq_len)
-    return batch
-
-
-def _collate_behaviour_logprobs(groups: Sequence[Group], seq_len: int) -> torch.Tensor:
-    """[rows, seq_len] float32 behaviour log-probs aligned with `targets` (0 where nothing is scored)."""
-    if any(g.behaviour_logprobs is None for g in groups):
-        raise ValueError("importance correction: some groups carry the rollout's log-probs and some do not (a "
-                         "replayed group from a run without algo.importance_correction?)")
-    out = torch.zeros(sum(len(g.response_ids) for g in groups), seq_len)
-    n = 0
-    for g in groups:
-        p = len(g.prompt_ids)
-        for response, logprobs in zip(g.response_ids, g.behaviour_logprobs, strict=True):
-            if len(logprobs) != len(response):
-                raise ValueError(f"importance correction: {len(logprobs)} rollout log-probs for a response of "
-                                 f"{len(response)} tokens ({g.source})")
-            out[n, p - 1: p - 1 + len(response)] = torch.tensor(logprobs)  # target t is token t + 1
-            n += 1
-    return out
-
-
-def _collate_routes(groups: Sequence[Group], seq_len: int) -> torch.Tensor:
-    """[rows, seq_len, MoE layers, top_k] int16 routes aligned with the rows' tokens (`routing_replay`); the
-    positions the rollout did not route get `unrouted` experts. int16: a batch of long rows of a large MoE is
-    big (rows x tokens x layers x k), and expert indices fit."""
-    if any(g.routes is None for g in groups):
-        raise ValueError("routing replay: some groups carry routed experts and some do not (a replayed group from "
-                         "a run without rollout.routing_replay?)")
-    first = groups[0].routes[0]
-    out = unrouted(sum(len(g.response_ids) for g in groups), seq_len, first.shape[1], first.shape[2]).to(torch.int16)
-    n = 0
-    for g in groups:
-        for response, routes in zip(g.response_ids, g.routes, strict=True):
-            if routes.shape[0] != len(g.prompt_ids) + len(response) - 1:
-                raise ValueError(f"routing replay: {routes.shape[0]} routed positions for a row of "
-                                 f"{len(g.prompt_ids) + len(response)} tokens ({g.source})")
-            out[n, : routes.shape[0]] = routes
-            n += 1
-    return out

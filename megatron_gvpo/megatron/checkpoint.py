@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_gvpo.megatron.engine import MegatronEngine
 from megatron_gvpo.megatron.model import unwrap
+from megatron_gvpo.megatron.weights import model_sharded_state_dict
 from megatron_gvpo.models.hf_io import HF_ASSETS_DIR, copy_hf_assets
 from megatron_gvpo.utils.files import write_text_atomically
 
@@ -34,14 +35,8 @@ _STATE = "trainer_state.pt"
 _REFERENCE_KEY_PREFIX = "reference."
 
 
-def _model_sharded_state_dict(chunks: list, prefix: str, key_prefix: str = "") -> dict:
-    # DDP wraps the GPTModel; vp stages are saved under model0, model1, ... like Megatron-LM does.
-    # `key_prefix` keeps a second copy of the model (the reference) apart in the checkpoint's key space.
-    return {f"{prefix}{i}": unwrap(c).sharded_state_dict(prefix=key_prefix) for i, c in enumerate(chunks)}
-
-
 def _sharded_state_dict(engine: MegatronEngine, is_loading: bool) -> dict:
-    model = _model_sharded_state_dict(engine.chunks, "model")
+    model = model_sharded_state_dict(engine.chunks, "model")
     state = dict(model)
     # 'fully_reshardable' stores the distributed optimizer's state per parameter in model space, so it loads
     # at any TP/PP/DP layout (the default format only reshards over DP and fails validation in 0.16.1).
@@ -49,7 +44,7 @@ def _sharded_state_dict(engine: MegatronEngine, is_loading: bool) -> dict:
         model, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
     )
     if engine.reference is not None:
-        state.update(_model_sharded_state_dict(engine.reference, "reference", key_prefix=_REFERENCE_KEY_PREFIX))
+        state.update(model_sharded_state_dict(engine.reference, "reference", key_prefix=_REFERENCE_KEY_PREFIX))
     return state
 
 
@@ -182,7 +177,7 @@ def save_checkpoint(engine: MegatronEngine, directory: str | Path, step: int, tr
     dist_checkpointing.save(_sharded_state_dict(engine, is_loading=False), str(tmp))
     if rank == 0:
         # What an exported model needs besides the weights (tools/convert_hf.py export reads it).
-        model = engine.cfg.model
+        model = engine.model_cfg
         copy_hf_assets(Path(model.path), tmp / HF_ASSETS_DIR)
         if model.tokenizer:
             copy_hf_assets(Path(model.tokenizer), tmp / HF_ASSETS_DIR)
@@ -203,19 +198,6 @@ def save_checkpoint(engine: MegatronEngine, directory: str | Path, step: int, tr
         write_text_atomically(directory / _LATEST, final.name + "\n")
     dist.barrier()
     return final
-
-
-def load_model_weights(chunks: list, path: str | Path) -> None:
-    """Collective: the policy weights of a Megatron checkpoint (a training checkpoint or the output of
-    `tools/convert_hf.py import`) into `chunks`, at any layout; everything else in it is ignored."""
-    from megatron.core import dist_checkpointing
-
-    path = Path(path)
-    if not (path / "metadata.json").is_file():
-        raise ValueError(f"model.load={str(path)!r} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
-    loaded = dist_checkpointing.load(_model_sharded_state_dict(chunks, "model"), str(path))
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(loaded[f"model{i}"])
 
 
 def load_checkpoint(engine: MegatronEngine, path: str | Path) -> tuple[int, dict[str, Any]]:

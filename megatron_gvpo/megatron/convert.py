@@ -174,7 +174,7 @@ def single_process_megatron() -> Iterator[Callable[[], None]]:
     (`destroy_parallel(wait=False)`, 0.15 s) while the conversion goes on."""
     import torch.distributed as dist
 
-    from megatron_gvpo.config import ParallelConfig
+    from megatron_gvpo.megatron.config import ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.utils.distributed import free_port

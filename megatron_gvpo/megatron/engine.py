@@ -20,7 +20,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_gvpo.algo import gvpo_metrics
-from megatron_gvpo.config import Config, MoEConfig
+from megatron_gvpo.megatron.config import AlgoConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from megatron_gvpo.data.batch import num_microbatches
 from megatron_gvpo.megatron.fp8 import check_fp8_support, fp8_pad_multiple, fp8_transformer_kwargs
 from megatron_gvpo.megatron.model import (
@@ -40,7 +40,7 @@ from megatron_gvpo.megatron.step import (
     forward_backward_gvpo,
     forward_backward_policy_gradient,
 )
-from megatron_gvpo.megatron.weights import load_hf_weights
+from megatron_gvpo.megatron.weights import load_hf_weights, load_model_weights
 from megatron_gvpo.models.arch import Arch, padded_vocab_size
 
 # Megatron's tracker names for the router losses, by moe.load_balancing.
@@ -85,29 +85,32 @@ def use_transformer_engine(impl: str) -> bool:
     return impl == "transformer_engine"
 
 
-def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor] | None):
+def build_chunks(arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor] | None, *,
+                 model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, moe: MoEConfig,
+                 routing_replay: bool = False):
     """This rank's model chunks (one per virtual stage) with HF weights loaded (None: Megatron's initialisation,
-    to be overwritten from a checkpoint); returns (chunks, TransformerConfig)."""
-    use_te = use_transformer_engine(cfg.model.transformer_impl)
-    p = cfg.parallel
-    check_attention_support(use_te=use_te, cp=p.cp, packing=cfg.train.packing)
-    if cfg.rollout.routing_replay:
-        check_routing_replay_support(packing=cfg.train.packing, cp=p.cp, pp=p.pp, recompute=cfg.train.recompute)
-    check_fp8_support(cfg.model, use_te=use_te,
+    to be overwritten from a checkpoint); returns (chunks, TransformerConfig). `routing_replay`: the MoE routers
+    replay recorded routes (rollout.routing_replay)."""
+    use_te = use_transformer_engine(model.transformer_impl)
+    p = parallel
+    check_attention_support(use_te=use_te, cp=p.cp, packing=train.packing)
+    if routing_replay:
+        check_routing_replay_support(packing=train.packing, cp=p.cp, pp=p.pp, recompute=train.recompute)
+    check_fp8_support(model, use_te=use_te,
                       capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     config = transformer_config(
         arch, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, etp=p.etp, sequence_parallel=p.sequence_parallel,
-        params_dtype=DTYPES[cfg.model.dtype], use_te=use_te, moe=cfg.moe, routing_replay=cfg.rollout.routing_replay,
+        params_dtype=DTYPES[model.dtype], use_te=use_te, moe=moe, routing_replay=routing_replay,
         # Packed micro-batches differ in length: pipeline stages exchange shapes before each message.
-        variable_seq_lengths=cfg.train.packing == "thd" and p.pp > 1,
-        **fp8_transformer_kwargs(cfg.model),
+        variable_seq_lengths=train.packing == "thd" and p.pp > 1,
+        **fp8_transformer_kwargs(model),
         **({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-           if cfg.train.recompute == "full" else {}),
+           if train.recompute == "full" else {}),
     )
     padded = padded_vocab_size(arch.vocab_size, p.tp)
     chunks = [
         build_gpt_model(
-            arch, config, padded_vocab_size=padded, max_sequence_length=cfg.model.seq_length,
+            arch, config, padded_vocab_size=padded, max_sequence_length=model.seq_length,
             pre_process=ctx.is_first_stage(v), post_process=ctx.is_last_stage(v),
             vp_stage=v if p.vpp else None, use_te=use_te,
         )
@@ -116,7 +119,7 @@ def build_chunks(cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mappin
     if hf_state is not None:
         load_hf_weights(chunks, arch, hf_state, tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, padded_vocab_size=padded,
                         etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
-    if cfg.train.fused_logprobs:
+    if train.fused_logprobs:
         for chunk in chunks:
             return_hidden_states(chunk)
     return chunks, config
@@ -135,15 +138,24 @@ class StepResult:
 class MegatronEngine:
     """Policy (trained) and, for `algo.reference` 'frozen' / 'refresh', a separate reference copy."""
 
-    def __init__(self, cfg: Config, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor] | None):
-        """`hf_state`: HF-named initial weights; None when `cfg.model.load` names a Megatron checkpoint."""
-        if (hf_state is None) != bool(cfg.model.load):
+    def __init__(self, arch: Arch, ctx: ParallelContext, hf_state: Mapping[str, torch.Tensor] | None, *,
+                 model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, algo: AlgoConfig,
+                 moe: MoEConfig, routing_replay: bool = False, max_new_tokens: int | None = None):
+        """`hf_state`: HF-named initial weights; None when `model.load` names a Megatron checkpoint.
+        `routing_replay`: the routers replay the rollout's routes (rollout.routing_replay). `max_new_tokens`:
+        Dr. GRPO's length constant (rollout.max_new_tokens), which only algo.name 'dr_grpo' reads."""
+        if (hf_state is None) != bool(model.load):
             raise ValueError("give the initial weights either as hf_state or as model.load, exactly one")
-        self.cfg, self.arch, self.ctx = cfg, arch, ctx
-        chunks, self.config = build_chunks(cfg, arch, ctx, hf_state)
+        if algo.name == "dr_grpo" and max_new_tokens is None:
+            raise ValueError("algo.name='dr_grpo' divides token sums by rollout.max_new_tokens: pass max_new_tokens")
+        self.arch, self.ctx = arch, ctx
+        self.model_cfg, self.train_cfg, self.algo, self.moe = model, train, algo, moe
+        self.max_new_tokens = max_new_tokens
+        build = dict(model=model, parallel=parallel, train=train, moe=moe, routing_replay=routing_replay)
+        chunks, self.config = build_chunks(arch, ctx, hf_state, **build)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.train.distributed_optimizer,
+            use_distributed_optimizer=train.distributed_optimizer,
         )
         # Only the first chunk gets buckets: Megatron's rule for virtual pipeline stages.
         self.chunks = [
@@ -151,13 +163,13 @@ class MegatronEngine:
             for i, c in enumerate(chunks)
         ]
         self.config.finalize_model_grads_func = finalize_model_grads
-        t = cfg.train
+        t = train
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                 adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.grad_clip,
-                bf16=cfg.model.dtype == "bfloat16", fp16=cfg.model.dtype == "float16",
-                params_dtype=DTYPES[cfg.model.dtype], use_distributed_optimizer=t.distributed_optimizer,
+                bf16=model.dtype == "bfloat16", fp16=model.dtype == "float16",
+                params_dtype=DTYPES[model.dtype], use_distributed_optimizer=t.distributed_optimizer,
             ),
             self.chunks,
         )
@@ -172,23 +184,21 @@ class MegatronEngine:
         )
         self.logprobs = LogprobSpec(
             tp_group=ctx.tp_group, vocab_size=arch.vocab_size, cp_group=ctx.cp_group if ctx.cp_size > 1 else None,
-            packing=t.packing, pad_multiple=math.lcm(fp8_pad_multiple(cfg.model), token_multiple(self.config)),
+            packing=t.packing, pad_multiple=math.lcm(fp8_pad_multiple(model), token_multiple(self.config)),
             chunk_size=t.logprob_chunk_size,
             fused=t.fused_logprobs,
             # DDP above runs with overlap_grad_reduce=False, which this needs.
             main_grad_accumulation=t.fused_logprobs,
         )
         self.reference = None
-        if cfg.algo.reference != "old_policy":
-            self.reference, _ = build_chunks(cfg, arch, ctx, hf_state)
+        if algo.reference != "old_policy":
+            self.reference, _ = build_chunks(arch, ctx, hf_state, **build)
             for c in self.reference:
                 c.requires_grad_(False)
-        if cfg.model.load:
-            from megatron_gvpo.megatron.checkpoint import load_model_weights
-
-            load_model_weights(self.chunks, cfg.model.load)
+        if model.load:
+            load_model_weights(self.chunks, model.load)
             if self.reference is not None:
-                load_model_weights(self.reference, cfg.model.load)
+                load_model_weights(self.reference, model.load)
         self.skipped_steps = 0
 
     # ---------------------------------------------------------------------------------------------------
@@ -217,7 +227,7 @@ class MegatronEngine:
         chunks = self.reference if (reference and self.reference is not None) else self.chunks
         for c in chunks:
             c.eval()
-        out = compute(chunks, batch, self.ctx, self.cfg.train.micro_batch_size, self.logprobs)
+        out = compute(chunks, batch, self.ctx, self.train_cfg.micro_batch_size, self.logprobs)
         for c in chunks:
             c.train()
         return out
@@ -228,7 +238,7 @@ class MegatronEngine:
         batch: `ref_seq_logp` (GVPO's pi_ref; for the baselines a diagnostic), and for the baselines
         `old_token_logp` (the sampling policy, for the PPO ratio over several updates) and, with a KL penalty,
         `ref_token_logp`."""
-        a = self.cfg.algo
+        a = self.algo
         reference = a.reference != "old_policy"
         if a.name == "gvpo":
             return {"ref_seq_logp": self.sequence_logprobs(batch, reference=reference)}
@@ -249,11 +259,11 @@ class MegatronEngine:
     def train_step(self, batch: dict) -> StepResult:
         """One optimizer step on `batch` (whole groups, with `reference_logprobs`). A non-finite gradient norm
         skips the update (counted in `skipped_steps`); parameters and optimizer state stay as they were."""
-        a = self.cfg.algo
+        a = self.algo
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        mbs = self.cfg.train.micro_batch_size
+        mbs = self.train_cfg.micro_batch_size
         if a.name == "gvpo":
             out = forward_backward_gvpo(self.chunks, batch, self.ctx, micro_batch_size=mbs, beta=a.beta,
                                         strategy=a.group_strategy, logprobs=self.logprobs, loss_scale=a.loss_scale,
@@ -261,7 +271,7 @@ class MegatronEngine:
         else:
             out = forward_backward_policy_gradient(
                 self.chunks, batch, self.ctx, micro_batch_size=mbs, algorithm=a.name, clip_eps=a.clip_eps,
-                kl_coef=a.kl_coef, length_constant=self.cfg.rollout.max_new_tokens, logprobs=self.logprobs,
+                kl_coef=a.kl_coef, length_constant=self.max_new_tokens, logprobs=self.logprobs,
                 importance_cap=a.importance_cap if a.importance_correction == "truncated" else None,
             )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
@@ -285,8 +295,8 @@ class MegatronEngine:
         values = self._broadcast_from_last_stage(values, (len(names),), torch.float64)
         metrics = dict(zip(names, values.tolist(), strict=True))
         if self.arch.is_moe:
-            micro = num_microbatches(batch["tokens"].shape[0], self.ctx.dp_size, self.cfg.train.micro_batch_size)
-            metrics.update(router_loss_metrics(self.arch, self.cfg.moe, self.ctx, micro))
+            micro = num_microbatches(batch["tokens"].shape[0], self.ctx.dp_size, self.train_cfg.micro_batch_size)
+            metrics.update(router_loss_metrics(self.arch, self.moe, self.ctx, micro))
         return StepResult(
             loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr,
             skipped=skipped, metrics=metrics,

@@ -34,7 +34,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from megatron_gvpo.config import MoEConfig
+from megatron_gvpo.megatron.config import MoEConfig
 from megatron_gvpo.megatron.cpu_compat import CPU_TRANSFORMER_CONFIG, patch_moe_without_te
 from megatron_gvpo.models.arch import Arch
 

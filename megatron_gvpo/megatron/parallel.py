@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_gvpo.config import ParallelConfig
+from megatron_gvpo.megatron.config import ParallelConfig
 
 
 @dataclass(frozen=True)

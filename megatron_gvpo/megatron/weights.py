@@ -5,12 +5,14 @@ virtual stage). The global layer index is the layer's `layer_number - 1`, which 
 layout, so the same HF checkpoint loads into any TP/PP/VPP split. Likewise an expert's index is local to its
 expert-parallel rank (`local_experts.{j}`) and made global through the MoE layer's `local_expert_indices`.
 Full tensors come from the name maps in `megatron_gvpo.models.hf_maps`, TP (and expert-TP) slices from
-`megatron_gvpo.models.sharding`.
+`megatron_gvpo.models.sharding`. `load_model_weights` reads the policy's weights from a Megatron checkpoint
+instead (`model.load`: the converter's import or a training checkpoint), at any layout.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
@@ -77,3 +79,23 @@ def load_hf_weights(
             )
         param.copy_(value)
     return len(params)
+
+
+def model_sharded_state_dict(chunks: list, prefix: str, key_prefix: str = "") -> dict:
+    """Megatron's sharded state dict of model chunks, keyed <prefix>0, <prefix>1, ... (checkpoints)."""
+    # DDP wraps the GPTModel; vp stages are saved under model0, model1, ... like Megatron-LM does.
+    # `key_prefix` keeps a second copy of the model (the reference) apart in the checkpoint's key space.
+    return {f"{prefix}{i}": unwrap(c).sharded_state_dict(prefix=key_prefix) for i, c in enumerate(chunks)}
+
+
+def load_model_weights(chunks: list, path: str | Path) -> None:
+    """Collective: the policy weights of a Megatron checkpoint (a training checkpoint or the output of
+    `tools/convert_hf.py import`) into `chunks`, at any layout; everything else in it is ignored."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"model.load={str(path)!r} is not a Megatron dist_checkpointing checkpoint (no metadata.json)")
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks, "model"), str(path))
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(loaded[f"model{i}"])
