@@ -14,9 +14,10 @@ fresh run directory, evaluating only before the first and after the last step, i
 Throughput is trained samples per second of wall time over steps WARMUP+1..STEPS-1 (the warm-up steps and the
 last, which evaluates, left out), reported as a ratio to sync mode's. Every mode runs ROUNDS times, the rounds
 alternating the modes so that a slow spell of this shared machine hits them alike; the table has each mode's
-throughput over its round's sync run, averaged over rounds. Also per mode: the seconds per step the trainer waits for its batch (`time_batch_s`), how long a
-rollout takes (`time_rollout_s`; overlapped with training in async mode), the mean staleness of the trained
-batches, and the share of samples that a weight update reached mid-way.
+throughput over its round's sync run, averaged over rounds. Also per mode: the seconds per step the trainer
+waits for its batch (`time_batch_s`), how long a rollout takes (`time_rollout_s`; overlapped with training in
+async mode), the mean staleness of the trained batches, and the share of samples that a weight update reached
+mid-way.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/async_throughput.py    # ~9 min; writes benchmarks/results/...
 """

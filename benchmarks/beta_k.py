@@ -23,8 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import REPO_ROOT, RESULTS, publish
 import _rl
+from _common import REPO_ROOT, RESULTS, publish
 
 OUT = RESULTS / "beta_k"
 RUNS = REPO_ROOT / "runs/benchmarks/beta_k"

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import socket
 import time
 from pathlib import Path
 
 import torch
-
 from _common import RESULTS, publish  # before the project: puts the repository on sys.path
 
 DEFAULT_OUT = RESULTS / "fused_head_memory.md"
@@ -106,7 +106,7 @@ def main() -> None:
         start = time.perf_counter()
         # The region allocates the hidden gradient [T, h] and (except into main_grad) the weight gradient
         # [V, h], and keeps them: both count in the peak.
-        peak, _ = measure_memory(lambda: run_head(mode, *inputs, keep))
+        peak, _ = measure_memory(functools.partial(run_head, mode, *inputs, keep))
         seconds[mode] = time.perf_counter() - start
         results[mode] = (peak, keep)
         print(f"[{mode}] extra peak {peak / 2**20:.1f} MiB ({peak / logits_bytes:.3f}x logits) "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import statistics
 import time
@@ -41,10 +42,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _common import REPO_ROOT, RESULTS, publish  # before the project: puts the repository on sys.path
 from torch._C._autograd import DeviceType, _KinetoEvent
 from torch.profiler import ProfilerActivity, profile
-
-from _common import REPO_ROOT, RESULTS, publish  # before the project: puts the repository on sys.path
 
 DEFAULT_OUT = RESULTS / "logprob_memory.md"
 MAX_ABS_DIFF = 1e-3
@@ -298,8 +298,8 @@ def run_shape(shape: Shape, tokens: int, methods: list[Method], repeats: int) ->
     rows = []
     for m in methods:
         reset()
-        peak, held = measure_memory(lambda: fwd_bwd(m, logits, targets))
-        seconds = median_seconds(lambda: fwd_bwd(m, logits, targets), repeats, reset)
+        peak, held = measure_memory(functools.partial(fwd_bwd, m, logits, targets))
+        seconds = median_seconds(functools.partial(fwd_bwd, m, logits, targets), repeats, reset)
         rows.append(Row(shape, m, peak, held, seconds, diffs.get((m.name, m.entropy), {}), logits_bytes))
         print(f"    {m.name:28s} entropy={m.entropy!s:5s} peak {peak / logits_bytes:.2f}x  "
               f"held {held / logits_bytes:.2f}x  {seconds:.3f} s")

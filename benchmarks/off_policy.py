@@ -67,7 +67,7 @@ def make_datasets(url: str, paths: dict[str, Path]) -> None:
     from megatron_gvpo.data.prompts import load_prompts
     from megatron_gvpo.rewards import score
     from megatron_gvpo.rollout.base import SamplingParams
-    from megatron_gvpo.rollout.sglang import SGLangClient
+    from megatron_gvpo.rollout.client import SGLangClient
     from megatron_gvpo.train import load_tokenizer
     from megatron_gvpo.utils.files import write_text_atomically
 

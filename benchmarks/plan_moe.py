@@ -95,7 +95,7 @@ def main() -> None:
         "so the 235B training estimate is pessimistic. Rollout dominates both steps (decode reads almost every "
         "expert at these batch sizes).",
     ]
-    for model, path in CONFIGS.items():
+    for path in CONFIGS.values():
         lines += ["", f"## Planner output: `python -m megatron_gvpo.plan --config {path}`", "", "```",
                   plan(load_config(Config, REPO_ROOT / path)).text(), "```"]
     publish("\n".join(lines) + "\n", DEFAULT_OUT)

@@ -67,7 +67,8 @@ def main() -> None:
     import transformers
 
     from megatron_gvpo.rollout.base import SamplingParams
-    from megatron_gvpo.rollout.sglang import SGLangClient, SGLangServer, SGLangServerConfig
+    from megatron_gvpo.rollout.client import SGLangClient
+    from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -90,7 +91,7 @@ def main() -> None:
                 tokens, _ = transformers_rollout(model, prompts, new_tokens)
                 assert tokens.numel() == generated
 
-            for name, fn in (("sglang", sglang), ("transformers", hf)):
+            for fn in (sglang, hf):
                 fn()  # warm-up
             for _ in range(REPEATS):  # interleaved, so that a noisy stretch hits both
                 for name, fn in (("sglang", sglang), ("transformers", hf)):

@@ -68,7 +68,8 @@ def build_model(root: Path) -> Path:
 
 def sample(model_dir: Path, dtype: str, prompts: list[list[int]], group: int, new_tokens: int):
     from megatron_gvpo.rollout.base import SamplingParams
-    from megatron_gvpo.rollout.sglang import SGLangClient, SGLangServer, SGLangServerConfig
+    from megatron_gvpo.rollout.client import SGLangClient
+    from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
 
     cfg = SGLangServerConfig(model_path=str(model_dir), dtype=dtype, max_total_tokens=8192,
                              return_routed_experts=True, random_seed=0)

@@ -35,8 +35,8 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import REPO_ROOT, RESULTS, publish
 import _rl
+from _common import REPO_ROOT, RESULTS, publish
 
 OUT = RESULTS / "stability"
 RUNS = REPO_ROOT / "runs/benchmarks/stability"

@@ -50,7 +50,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-
 from _common import RESULTS, publish  # before the project: puts the repository on sys.path
 
 DEFAULT_OUT = RESULTS / "step_overhead.md"
@@ -242,7 +241,7 @@ def measure(s: dict) -> dict:
         gc.collect()
 
     times: dict[str, list[float]] = {k: [] for k in methods}
-    for k, fn in methods.items():  # warm-up
+    for fn in methods.values():  # warm-up
         reset()
         fn()
     for _ in range(s["repeats"]):

@@ -78,10 +78,10 @@ def trainer(model_dir: Path):
     """A one-process Megatron trainer holding the model: (engine, arch, ctx, padded vocabulary)."""
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
+    from megatron_gvpo.train import build_engine
     from megatron_gvpo.utils.distributed import init_distributed
 
     apply_cpu_compat()
@@ -96,10 +96,10 @@ def trainer(model_dir: Path):
 
 def score(url: str) -> list[float]:
     """The server's log-probs of a fixed token sequence (prompt scoring)."""
-    from megatron_gvpo.rollout.sglang import _http
+    from megatron_gvpo.rollout.http import request_json
 
     ids = [(7 * i + 3) % 13 + 3 for i in range(48)]
-    answer = _http(f"{url}/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+    answer = request_json(f"{url}/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
                                        "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}, 120)
     return [lp for lp, *_ in answer["meta_info"]["input_token_logprobs"][1:]]
 
@@ -181,7 +181,8 @@ def main() -> None:
         seconds = {name: statistics.median(r) for name, r in runs.items()}
         for name, r in runs.items():
             print(f"{name}: {', '.join(f'{x:.2f}' for x in r)} s", flush=True)
-        agree = max(abs(a - b) for m in ("tensor", "distributed") for a, b in zip(scores[m], scores["disk"]))
+        agree = max(abs(a - b) for m in ("tensor", "distributed")
+                    for a, b in zip(scores[m], scores["disk"], strict=True))
 
         fit_points = []
         for bucket in FIT_BUCKETS:
@@ -233,7 +234,7 @@ def main() -> None:
         "",
         "| bucket | buckets | seconds |",
         "|---|---|---|",
-        *(f"| {b >> 20} MiB | {n} | {t:.2f} |" for b, (n, t) in zip(FIT_BUCKETS, fit_points)),
+        *(f"| {b >> 20} MiB | {n} | {t:.2f} |" for b, (n, t) in zip(FIT_BUCKETS, fit_points, strict=True)),
         "",
         f"Fit seconds = bytes / rate + buckets x cost: **{bucket_cost * 1e3:.1f} ms per bucket**, "
         f"{byte_rate / 1e9:.2f} GB/s per byte here (gloo over loopback, name mapping and the server's CPU load).",

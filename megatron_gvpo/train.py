@@ -26,7 +26,7 @@ import yaml
 
 from megatron_gvpo.config import Config, add_config_arguments, load_config, to_dict
 from megatron_gvpo.data.chat import PromptEncoder
-from megatron_gvpo.data.groups import collate, GroupSampler
+from megatron_gvpo.data.groups import GroupSampler, collate
 from megatron_gvpo.data.offline import load_groups
 from megatron_gvpo.utils.cli import run_main, user_errors
 from megatron_gvpo.utils.logging import MetricsSink, get_logger

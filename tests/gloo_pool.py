@@ -21,11 +21,11 @@ import os
 import queue
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from megatron_gvpo.utils.distributed import free_port
-
 
 IDLE_COLLECT_S = 1.0
 """A worker left without a task this long runs a full garbage collection. A task's models and optimizers are

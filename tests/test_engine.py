@@ -152,10 +152,10 @@ def _engine_for(overrides, total_steps=4):
     """An engine on the tiny Llama for `overrides`, a fixed batch of 4 groups of 4, and its teardown."""
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
+    from megatron_gvpo.train import build_engine
 
     apply_cpu_compat()
     cfg = config_from_dict(Config, {}, [

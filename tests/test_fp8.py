@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from megatron_gvpo.config import Config, config_from_dict
-
 from megatron_gvpo.megatron.config import ModelConfig
 from megatron_gvpo.megatron.fp8 import check_fp8_support, fp8_transformer_kwargs, te_fp8_recipe
 from megatron_gvpo.megatron.model import te_available, transformer_config

@@ -98,8 +98,8 @@ def run_on_megatron(run, model_type, tied, tp, pp, vpp, fused=False, sequence_pa
                             vp_stage=v if vpp else None)
             for v in range(ctx.num_model_chunks)
         ]
-        load_hf_weights(chunks, arch, saved_tensors(hf_model), tp_rank=ctx.tp_rank, tp_size=tp, padded_vocab_size=padded,
-                        etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
+        load_hf_weights(chunks, arch, saved_tensors(hf_model), tp_rank=ctx.tp_rank, tp_size=tp,
+                        padded_vocab_size=padded, etp_rank=ctx.etp_rank, etp_size=ctx.etp_size)
         if fused:
             for c in chunks:
                 return_hidden_states(c)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from megatron_gvpo.data import addition
 from megatron_gvpo.data.batch import BEHAVIOUR_KEY, check_group_layout
-from megatron_gvpo.data.groups import collate, Group, GroupSampler
+from megatron_gvpo.data.groups import Group, GroupSampler, collate
 from megatron_gvpo.data.offline import SKIP_REASONS, OfflineDataConfig, load_groups
 
 

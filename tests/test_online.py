@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from megatron_gvpo.algo import gvpo_loss
-from megatron_gvpo.data.prompts import PromptDataConfig, load_prompts
 from megatron_gvpo.data.groups import Group
-from megatron_gvpo.rollout.online import ReplayBuffer, _ungroup
+from megatron_gvpo.data.prompts import PromptDataConfig, load_prompts
+from megatron_gvpo.rollout.online import _ungroup
+from megatron_gvpo.rollout.replay import ReplayBuffer
 from tests.processes import metrics_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def response_length_warning_once(prompt: str, response: str, label) -> float:
     """response_length, and at its first call in a process a warning of its own (scoring runs in threads: the lock
     makes it one), which the run's output must show among the silenced notices (tests.processes.assert_quiet)."""
     if _warned.acquire(blocking=False):
-        warnings.warn(GENUINE_WARNING, UserWarning)
+        warnings.warn(GENUINE_WARNING, UserWarning, stacklevel=1)
     return response_length(prompt, response, label)
 
 
@@ -327,7 +328,6 @@ def test_attached_servers_get_the_trainers_weights_before_the_first_request(gloo
 
 
 def online_moe_run(run_dir, assets, routing_replay):
-    from megatron_gvpo.train import main
     from tests.gloo_pool import checkpoint_helpers_allowed
 
     with checkpoint_helpers_allowed():

@@ -145,7 +145,8 @@ def test_moe_configs_plan_with_published_parameter_counts(name):
     (["parallel.etp=5"], r"parallel.etp=5 \(default: tp\) must divide moe_intermediate_size=768"),
     (["parallel.ep=64"], r"parallel.etp \* parallel.ep = 1 \* 64 must divide the 16 ranks of a pipeline stage"),
     (["parallel.ep=16", "parallel.etp=2"], r"parallel.etp \* parallel.ep = 2 \* 16 must divide the 16 ranks"),
-    (["parallel.sequence_parallel=false"], r"mixture-of-experts model at parallel.tp=4 needs parallel.sequence_parallel"),
+    (["parallel.sequence_parallel=false"],
+     r"mixture-of-experts model at parallel.tp=4 needs parallel.sequence_parallel"),
     (["cluster.nodes=3"], r"the trainer does not fit: .* raise parallel.tp/pp/ep"),
 ])
 def test_invalid_expert_layouts_fail_with_the_reason(overrides, message):

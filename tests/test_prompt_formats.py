@@ -22,7 +22,7 @@ from megatron_gvpo.data.offline import OfflineDataConfig, load_groups
 from megatron_gvpo.data.prompts import PromptDataConfig, load_prompts
 from megatron_gvpo.models.hf_io import eos_token_ids
 from megatron_gvpo.rewards.scoring import RewardConfig, score
-from megatron_gvpo.rollout.online import treat_truncated
+from megatron_gvpo.rollout.single_turn import treat_truncated
 
 CHATML = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are helpful."

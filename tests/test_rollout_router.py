@@ -15,8 +15,9 @@ import re
 import pytest
 
 from megatron_gvpo.rollout.base import RolloutError, SamplingParams
+from megatron_gvpo.rollout.client import SGLangClient
+from megatron_gvpo.rollout.http import request_json
 from megatron_gvpo.rollout.router import SGLangRouter, SGLangRouterConfig, worker_urls
-from megatron_gvpo.rollout.sglang import SGLangClient, _http
 from megatron_gvpo.utils.distributed import free_port
 
 pytest.importorskip("sglang", reason="SGLang is installed by `tools/setup_venv.sh --test`")
@@ -39,9 +40,9 @@ def test_greedy_through_the_router_equals_the_server(router, server, addition_pr
     greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=8)
     # Both from an empty prefix cache: a cached prefix takes another kernel path (log-probs differ by ~2e-7).
     # The router sends /flush_cache to every worker (one here).
-    assert _http(f"{router.url}/flush_cache", {}, 30)["workers_flushed"] == 1
+    assert request_json(f"{router.url}/flush_cache", {}, 30)["workers_flushed"] == 1
     direct = SGLangClient([server.url], timeout_s=60).generate(ps, greedy)
-    assert _http(f"{router.url}/flush_cache", {}, 30)["workers_flushed"] == 1
+    assert request_json(f"{router.url}/flush_cache", {}, 30)["workers_flushed"] == 1
     routed = SGLangClient([router.url], timeout_s=60).generate(ps, greedy)
     assert [[x.token_ids for x in g] for g in routed] == [[x.token_ids for x in g] for g in direct]
     for g_routed, g_direct in zip(routed, direct, strict=True):

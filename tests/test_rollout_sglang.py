@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from megatron_gvpo.rollout.base import RolloutError, SamplingParams, StaleWeightsError, require_weight_version
-from megatron_gvpo.rollout.sglang import SGLangClient, SGLangServer, SGLangServerConfig
+from megatron_gvpo.rollout.client import SGLangClient
+from megatron_gvpo.rollout.sglang import SGLangServer, SGLangServerConfig
 
 pytest.importorskip("sglang", reason="SGLang is installed by `tools/setup_venv.sh --test`")
 
@@ -234,7 +235,8 @@ def test_a_weight_update_in_flight_loses_no_request_and_lands_where_its_mechanis
 
     import transformers
 
-    from megatron_gvpo.rollout.sglang import _http, continue_generation, pause_generation
+    from megatron_gvpo.rollout.http import request_json
+    from megatron_gvpo.rollout.sglang import continue_generation, pause_generation
 
     old = transformers.AutoModelForCausalLM.from_pretrained(model_dirs[0], dtype=torch.float32).eval()
     new = transformers.AutoModelForCausalLM.from_pretrained(model_dirs[0], dtype=torch.float32).eval()
@@ -253,7 +255,7 @@ def test_a_weight_update_in_flight_loses_no_request_and_lands_where_its_mechanis
         if pause:
             pause_generation([server.url])
         try:
-            answer = _http(f"{server.url}/update_weights_from_disk",
+            answer = request_json(f"{server.url}/update_weights_from_disk",
                            {"model_path": str(tmp_path / "new"), "weight_version": "new", "flush_cache": True}, 120)
             assert answer["success"], answer
         finally:
@@ -262,7 +264,7 @@ def test_a_weight_update_in_flight_loses_no_request_and_lands_where_its_mechanis
         thread.join(120)
     finally:  # the module's other tests expect the served model to be the initial one
         thread.join(120)
-        answer = _http(f"{server.url}/update_weights_from_disk",
+        answer = request_json(f"{server.url}/update_weights_from_disk",
                        {"model_path": str(model_dirs[1]), "weight_version": "initial"}, 120)
         assert answer["success"]
     groups = out["groups"]
@@ -342,7 +344,7 @@ def test_started_servers_get_the_runs_budget_unless_the_config_sets_one():
     from megatron_gvpo.config import Config, load_config
     from megatron_gvpo.models.arch import arch_from_hf
     from megatron_gvpo.models.hf_io import load_hf_config
-    from megatron_gvpo.rollout.online import _server_budget
+    from megatron_gvpo.rollout.servers import RolloutLoad, run_server_budget
     from megatron_gvpo.utils.logging import get_logger
 
     repo = Path(__file__).resolve().parents[1]
@@ -351,20 +353,25 @@ def test_started_servers_get_the_runs_budget_unless_the_config_sets_one():
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     get_logger().addHandler(handler)
+
+    def budget_of(cfg):  # as OnlineSource sizes the servers it starts, with 128 held-out prompts
+        load = RolloutLoad(groups=cfg.groups_per_rollout, group_size=cfg.algo.group_size, eval_prompts=128,
+                           max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+        return run_server_budget(cfg.rollout, arch, load)
+
     try:
         cfg = load_config(Config, repo / "configs/addition_gvpo.yaml", ["rollout.max_total_tokens=null"])
-        budget = _server_budget(cfg, arch, eval_prompts=128)
+        budget = budget_of(cfg)
         assert (budget.max_total_tokens, budget.max_running_requests) == (20480, 512)
         # 20480 tokens x 4 layers x K,V x 2 KV heads x 32 x 4 bytes = 40 MiB
         assert "SGLang server KV cache: 20480 tokens" in lines[-1] and "= 0.0391 GiB" in lines[-1], lines
         cfg = load_config(Config, repo / "configs/addition_gvpo.yaml",
                           ["rollout.max_total_tokens=4096", "rollout.max_running_requests=64"])
-        budget = _server_budget(cfg, arch, eval_prompts=128)
+        budget = budget_of(cfg)
         assert (budget.max_total_tokens, budget.max_running_requests) == (4096, 64)
         assert "4096 tokens (rollout.max_total_tokens)" in lines[-1]
         if not torch.cuda.is_available():  # 1e9 tokens x 2 KiB: more than half of any CPU machine's memory
-            _server_budget(load_config(Config, repo / "configs/addition_gvpo.yaml",
-                                       ["rollout.max_total_tokens=1000000000"]), arch, eval_prompts=128)
+            budget_of(load_config(Config, repo / "configs/addition_gvpo.yaml", ["rollout.max_total_tokens=1000000000"]))
             assert "take more than half of the" in lines[-1] and "lower rollout.max_total_tokens" in lines[-1]
     finally:
         get_logger().removeHandler(handler)
@@ -374,7 +381,7 @@ def test_started_servers_get_the_runs_budget_unless_the_config_sets_one():
 
 
 def test_exit_status_in_words():
-    from megatron_gvpo.rollout.sglang import describe_exit
+    from megatron_gvpo.rollout.process import describe_exit
 
     assert describe_exit(1) == "exited with code 1"
     assert describe_exit(-15) == "was killed by SIGTERM (exit status -15)"
@@ -435,12 +442,12 @@ def test_a_server_whose_scheduler_is_sigkilled_says_so(model_dir, ps):
 def score_batch(url: str, batch: dict) -> list[float]:
     """Sequence log-probs of the batch's responses under the server's weights (prompt-scoring requests)."""
     from megatron_gvpo.megatron.seq_layout import scored_lengths
-    from megatron_gvpo.rollout.sglang import _http
+    from megatron_gvpo.rollout.http import request_json
 
     out = []
     for row, n in enumerate(scored_lengths(batch["loss_mask"]).tolist()):
         ids = batch["tokens"][row, : n + 1].tolist()  # through the last scored position's target
-        answer = _http(f"{url}/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
+        answer = request_json(f"{url}/generate", {"input_ids": ids, "return_logprob": True, "logprob_start_len": 0,
                                            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}, 60)
         token_lp = [lp for lp, *_ in answer["meta_info"]["input_token_logprobs"]]  # [None, lp(ids[1]|ids[:1]), ...]
         mask = batch["loss_mask"][row, :n].tolist()
@@ -460,7 +467,6 @@ def weight_sync_run(model_dir, url, sync_dir, method, layout=TP2_PP2):
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.data.batch import make_targets
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf, padded_vocab_size
     from megatron_gvpo.models.hf_io import hf_weights, load_hf_config
@@ -469,6 +475,7 @@ def weight_sync_run(model_dir, url, sync_dir, method, layout=TP2_PP2):
         sync_weights_from_disk,
         sync_weights_from_tensor,
     )
+    from megatron_gvpo.train import build_engine
 
     apply_cpu_compat()
     cfg = config_from_dict(Config, {}, [
@@ -512,7 +519,7 @@ def weight_sync_run(model_dir, url, sync_dir, method, layout=TP2_PP2):
 @pytest.mark.parametrize("method", ["disk", "tensor", "distributed"])
 def test_weight_sync_makes_sglang_score_like_the_trainer(gloo, server, model_dirs, tmp_path, method, ps):
     """Also: the samples carry the synced weight version, and a batch checked against another one is refused."""
-    from megatron_gvpo.rollout.sglang import _http
+    from megatron_gvpo.rollout.http import request_json
 
     try:
         trainer, before, after = gloo.run(4, weight_sync_run, str(model_dirs[0]), server.url, str(tmp_path / "sync"),
@@ -523,7 +530,7 @@ def test_weight_sync_makes_sglang_score_like_the_trainer(gloo, server, model_dir
                                                     r"expected 'step-2'"):
             require_weight_version(groups, "step-2")
     finally:  # the module's other tests (and the next method) expect the served model to be the initial one
-        answer = _http(f"{server.url}/update_weights_from_disk",
+        answer = request_json(f"{server.url}/update_weights_from_disk",
                        {"model_path": str(model_dirs[1]), "weight_version": "initial"}, 120)
         assert answer["success"]
     # The step moved the weights: the server (still on the initial ones) scores differently...
@@ -681,7 +688,7 @@ def test_moe_weight_sync_from_an_expert_parallel_trainer_makes_sglang_score_like
     """After a trainer step with the experts split over EP ranks (and TP / expert TP / PP), a sync by each method
     (`weight_sync_run`) makes SGLang's sequence log-probs equal the trainer's Megatron model's; before, they
     differ. The served weights are restored after each sync."""
-    from megatron_gvpo.rollout.sglang import _http
+    from megatron_gvpo.rollout.http import request_json
 
     family, original, export, server = moe_served
     for method, layout in MOE_SYNCS[family]:
@@ -689,7 +696,7 @@ def test_moe_weight_sync_from_an_expert_parallel_trainer_makes_sglang_score_like
             trainer, before, after = gloo.run(4, weight_sync_run, str(original), server.url,
                                               str(tmp_path / method), method, layout)[0]
         finally:
-            answer = _http(f"{server.url}/update_weights_from_disk",
+            answer = request_json(f"{server.url}/update_weights_from_disk",
                            {"model_path": str(export), "weight_version": "initial"}, 120)
             assert answer["success"]
         assert max(abs(a - b) for a, b in zip(trainer, before, strict=True)) > 1e-2, (method, layout)

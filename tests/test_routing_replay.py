@@ -181,7 +181,7 @@ def test_unsupported_layouts_are_refused():
 def test_collate_aligns_routes_with_the_rows():
     """A group's routes (one per response: prompt + response - 1 positions) land on their row's tokens; the
     last token and the padding get distinct experts 0..k-1; a route count that does not fit its row fails."""
-    from megatron_gvpo.data.groups import collate, Group
+    from megatron_gvpo.data.groups import Group, collate
 
     routes = [torch.full((3 + r - 1, 2, 2), 7 + r, dtype=torch.int16) for r in (2, 4)]
     group = Group((1, 2, 3), ((4, 5), (4, 5, 6, 7)), (1.0, 0.0), "test:1", tuple(routes))

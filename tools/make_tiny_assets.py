@@ -5,7 +5,8 @@
 Writes DIR/tokenizer (save_pretrained; load with AutoTokenizer.from_pretrained, offline), DIR/train.jsonl and
 DIR/heldout.jsonl (schema in megatron_gvpo/data/offline.py), their prompts alone for online training, and
 DIR/online_prompts.jsonl, the main job's prompts. The held-out prompts are drawn with another seed and exclude
-every training prompt; the online prompts exclude every held-out one. Idempotent: existing outputs are kept unless --force.
+every training prompt; the online prompts exclude every held-out one. Idempotent: existing outputs are kept unless
+--force.
 """
 
 from __future__ import annotations

@@ -57,7 +57,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-
 from megatron_gvpo.data.chat import PromptEncoder
 from megatron_gvpo.data.groups import Group
 from megatron_gvpo.data.records import BadRecord, RowError, read_records
@@ -245,7 +244,8 @@ def _parse_row(
         prompt = row["prompt"]
         chat = isinstance(prompt, list) or (prompt_encoder is not None and prompt_encoder.cfg.chat_template)
         if not isinstance(prompt, (str, list)):
-            raise _BadRow("bad_schema", "prompt", f"must be a string or a list of messages, got {type(prompt).__name__}")
+            raise _BadRow("bad_schema", "prompt",
+                          f"must be a string or a list of messages, got {type(prompt).__name__}")
         if prompt in ("", []):
             raise _BadRow("empty_prompt", "prompt", "empty (the first response token would have nothing to follow)")
         if chat and prompt_encoder is None:

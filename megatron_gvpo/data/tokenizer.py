@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 
-
-
 @dataclass(frozen=True)
 class TokenizerAdapter:
     encode_fn: Callable[[str, bool], list[int]]

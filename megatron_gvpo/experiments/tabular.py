@@ -228,7 +228,7 @@ def plot_curves(cfg: TabularConfig, records: list[dict], path: Path) -> None:
     for ax, sampler in zip(axes[0], cfg.samplers, strict=True):
         for method in cfg.methods:
             for i, r in enumerate(x for x in records if x["method"] == method and x["sampler"] == sampler):
-                steps, kls = zip(*r["curve"])
+                steps, kls = zip(*r["curve"], strict=True)
                 ax.plot(steps, [max(k, 1e-12) for k in kls], color=colors[method], alpha=0.8,
                         label=method if i == 0 else None)
         ax.axhline(cfg.kl_threshold, color="gray", linestyle="--", linewidth=1,

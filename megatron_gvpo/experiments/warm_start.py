@@ -67,13 +67,14 @@ def greedy_accuracy(model, tok, prompts: list[str], answers: list[str]) -> float
     return float((out[:, : target.shape[1]] == target).all(1).float().mean())
 
 
-def warm_start(out_dir: str | Path | None, cfg: WarmStartConfig = WarmStartConfig(), log=print) -> dict:
+def warm_start(out_dir: str | Path | None, cfg: WarmStartConfig | None = None, log=print) -> dict:
     """Train, evaluate every `eval_every` steps (and at step 0 when starting from `init_from`), save the model
-    to `out_dir` (None: keep nothing); returns the summary with the evaluation history."""
+    to `out_dir` (None: keep nothing); returns the summary with the evaluation history. `cfg` None: the defaults."""
     import transformers
 
     from megatron_gvpo.data.addition import make_problems
 
+    cfg = cfg if cfg is not None else WarmStartConfig()
     torch.manual_seed(cfg.seed)
     tok = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer)
     if cfg.init_from:

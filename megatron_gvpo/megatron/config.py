@@ -161,7 +161,8 @@ class AlgoConfig:
             raise ValueError("algo.importance_correction is for the policy-gradient baselines (grpo, dr_grpo): GVPO's "
                              "objective needs no importance weights for samples of another policy")
         if not self.importance_cap >= 1:
-            raise ValueError(f"algo.importance_cap must be >= 1 (it truncates large weights), got {self.importance_cap}")
+            raise ValueError(
+                f"algo.importance_cap must be >= 1 (it truncates large weights), got {self.importance_cap}")
         if self.kl_coef and self.reference == "old_policy":
             raise ValueError("algo.kl_coef > 0 penalises KL to a reference model: set algo.reference to 'frozen' "
                              "or 'refresh' (with 'old_policy' the reference is the sampling policy itself)")

@@ -59,7 +59,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode

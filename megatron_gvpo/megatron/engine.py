@@ -10,8 +10,8 @@ Every rank of every layout calls the same methods with the same global batch; ea
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -20,8 +20,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_gvpo.algo import gvpo_metrics
-from megatron_gvpo.megatron.config import AlgoConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from megatron_gvpo.data.batch import num_microbatches
+from megatron_gvpo.megatron.config import AlgoConfig, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from megatron_gvpo.megatron.fp8 import check_fp8_support, fp8_pad_multiple, fp8_transformer_kwargs
 from megatron_gvpo.megatron.model import (
     build_gpt_model,

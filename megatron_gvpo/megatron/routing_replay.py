@@ -6,9 +6,9 @@ logits that differ in the last bits (other kernels, other precision), and wherev
 they pick different experts, so the trainer scores a token with another network than the one that sampled it.
 Replay removes that source of trainer-vs-rollout mismatch: SGLang returns the experts it routed every token to
 (`Sample.routed_experts`), the batch carries them as `routed_experts` [rows, tokens, MoE layers, top_k]
-aligned with `tokens` (`data.batch.ROUTES_KEY`), and every trainer forward on that batch (old and reference log-probs, the training
-pass and its backward) routes with them. The gate weights still come from the trainer's own router logits at
-the replayed experts, so the router is trained as before.
+aligned with `tokens` (`data.batch.ROUTES_KEY`), and every trainer forward on that batch (old and reference
+log-probs, the training pass and its backward) routes with them. The gate weights still come from the trainer's
+own router logits at the replayed experts, so the router is trained as before.
 
 Megatron-Core 0.16 has the hook (`moe_enable_routing_replay`: each router owns a `RouterReplay` whose action
 REPLAY_FORWARD replaces its top-k by given indices). Megatron keeps the instances in one process-wide list;

@@ -20,9 +20,10 @@ their gradients add up.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,8 @@ from megatron_gvpo.algo import (
     truncated_importance_weights,
 )
 from megatron_gvpo.data.batch import BEHAVIOUR_KEY, ROUTES_KEY, split_microbatches
-from megatron_gvpo.megatron.parallel import ParallelContext
 from megatron_gvpo.megatron.model import output_weight
+from megatron_gvpo.megatron.parallel import ParallelContext
 from megatron_gvpo.megatron.routing_replay import set_routes
 from megatron_gvpo.megatron.seq_layout import SequenceLayout, cp_sum, layout_microbatch
 from megatron_gvpo.ops import fused_linear_logprobs, vocab_parallel_logprobs

@@ -12,8 +12,8 @@ instead (`model.load`: the converter's import or a training checkpoint), at any 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 

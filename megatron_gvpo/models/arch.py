@@ -11,8 +11,9 @@ represented exactly must never train silently wrong.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 # Megatron-Core's llama3 RoPE scaling hard-codes these three values (rotary_pos_embedding.py); they are the
 # values of every released Llama 3.1 / 3.2 / 3.3 config.

@@ -20,7 +20,6 @@ import torch
 
 from megatron_gvpo.utils.files import WritebackPacer
 
-
 HF_ASSETS_DIR = "hf"
 """Subdirectory of a Megatron checkpoint holding the HF config, generation config and tokenizer files."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")

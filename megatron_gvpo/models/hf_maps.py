@@ -20,8 +20,9 @@ RMSNorm weights live inside the fused linear layers, which `te_name` translates.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Mapping
+from typing import Literal
 
 import torch
 

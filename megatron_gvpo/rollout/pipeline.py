@@ -12,10 +12,10 @@ as in the synchronous loop. The policy-gradient baselines can weight every token
 ratio to the behaviour policy (`algo.importance_correction`), whose log-probs the servers return.
 
 Weight updates in flight. A sync after step t reaches the servers while step t + 1's samples (and maybe later
-ones) are being generated. `OnlineSource` pauses generation in SGLang's 'retract' mode around the update
-(`/pause_generation` -> update -> `/continue_generation`): unfinished requests go back to SGLang's queue with
-the tokens they have, the KV cache of the old weights is flushed, and after the update they continue from
-their prefix, re-prefilled under the new weights. Why this and not the alternatives:
+ones) are being generated. `WeightUpdates` (rollout/updates.py) pauses generation in SGLang's 'retract' mode
+around the update (`/pause_generation` -> update -> `/continue_generation`): unfinished requests go back to
+SGLang's queue with the tokens they have, the KV cache of the old weights is flushed, and after the update they
+continue from their prefix, re-prefilled under the new weights. Why this and not the alternatives:
 - 'in_place' pausing keeps the old weights' KV cache, so later tokens would be computed from stale keys and
   values, and SGLang refuses the cache flush that the update needs while requests hold it;
 - abort-and-resume would resubmit every partial sample from the client with its remaining token budget, its
@@ -48,8 +48,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass

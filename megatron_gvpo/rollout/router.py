@@ -38,7 +38,8 @@ import urllib.error
 from dataclasses import dataclass, field
 
 from megatron_gvpo.rollout.base import RolloutError
-from megatron_gvpo.rollout.sglang import SupervisedProcess, _http, health
+from megatron_gvpo.rollout.http import health, request_json
+from megatron_gvpo.rollout.process import SupervisedProcess
 
 # `python -m sglang_router.launch_router` minus one import: launch_router imports sglang_router.mini_lb (a Python
 # debug balancer), which imports all of sglang (torch, transformers) for its tracing hooks; that took 11-20 s of
@@ -130,7 +131,7 @@ def worker_urls(router_url: str, healthy_only: bool = False, timeout_s: float = 
     order (not necessarily the order it was started with). Unhealthy ones are included unless `healthy_only`: a
     weight sync must reach every worker that may still get requests, and fail on one it cannot reach."""
     try:
-        answer = _http(f"{_normalise(router_url)}/workers", None, timeout_s)
+        answer = request_json(f"{_normalise(router_url)}/workers", None, timeout_s)
         workers = answer["workers"]
         return [w["url"] for w in workers if w.get("is_healthy", True) or not healthy_only]
     except (urllib.error.URLError, OSError) as e:

@@ -66,7 +66,7 @@ def _expert_names(name: str, arch: Arch, ctx: ParallelContext) -> list[str]:
     ep_rank * local experts + j)."""
     local = arch.num_experts // ctx.ep_size
     j = int(_EXPERT_INDEX.search(name).group(2)) - ctx.ep_rank * local
-    return [_EXPERT_INDEX.sub(lambda m: f"{m.group(1)}{r * local + j}.", name) for r in range(ctx.ep_size)]
+    return [_EXPERT_INDEX.sub(rf"\g<1>{r * local + j}.", name) for r in range(ctx.ep_size)]
 
 
 def hf_plan(chunks: list, arch: Arch, ctx: ParallelContext, padded_vocab: int, dtype: torch.dtype):
@@ -166,10 +166,10 @@ def _post_ok(url: str, route: str, payload: dict, timeout_s: float) -> str | Non
     """None on success, else the error message."""
     import urllib.error
 
-    from megatron_gvpo.rollout.sglang import _http
+    from megatron_gvpo.rollout.http import request_json
 
     try:
-        answer = _http(f"{url}{route}", payload, timeout_s)
+        answer = request_json(f"{url}{route}", payload, timeout_s)
     except urllib.error.HTTPError as e:
         return f"{url}{route}: HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}"
     except (urllib.error.URLError, OSError) as e:
@@ -225,12 +225,12 @@ def _server_tps(urls: list[str], timeout_s: float) -> tuple[list[int], str | Non
     rank), or the error that prevented asking."""
     import urllib.error
 
-    from megatron_gvpo.rollout.sglang import _http
+    from megatron_gvpo.rollout.http import request_json
 
     tps = []
     for url in urls:
         try:
-            info = _http(f"{url}/server_info", None, timeout_s)
+            info = request_json(f"{url}/server_info", None, timeout_s)
         except (urllib.error.URLError, OSError) as e:
             return [], f"{url}/server_info: {e}"
         tps.append(int(info.get("tp_size", 1)) if isinstance(info, dict) else 1)
@@ -322,7 +322,8 @@ class DistributedWeightSync:
         """POST payloads[i] to server i while `local()` runs here (the two sides of one rendezvous or
         broadcast); the first error of either."""
         with ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            futures = [pool.submit(_post_ok, u, route, p, self.timeout_s) for u, p in zip(self.urls, payloads)]
+            futures = [pool.submit(_post_ok, u, route, p, self.timeout_s)
+                       for u, p in zip(self.urls, payloads, strict=True)]
             try:
                 local()
                 error = None

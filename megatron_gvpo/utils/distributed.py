@@ -43,3 +43,30 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes))
     return rank, world_size
+
+
+def broadcast_object(obj, src: int = 0):
+    """Collective: `obj` of global rank `src` on every rank (picklable)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def on_rank0(fn, *args, recoverable: type[Exception] | None = None):
+    """Collective: fn(*args) on global rank 0, its result on every rank. An exception there raises on every
+    rank (a rank left waiting in the next collective would hang the job): the original on rank 0; on the others
+    a `recoverable` (the same type, with rank 0's message) when it was one, which the caller may recover from,
+    else a RuntimeError naming it."""
+    out, raised = None, None
+    if dist.get_rank() == 0:
+        try:
+            out = (fn(*args), None, False)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            kind = recoverable is not None and isinstance(e, recoverable)
+            raised, out = e, (None, f"{type(e).__name__} on rank 0: {e}", kind)
+    result, error, is_recoverable = broadcast_object(out)
+    if raised is not None:
+        raise raised
+    if error is not None:
+        raise recoverable(error) if is_recoverable else RuntimeError(error)
+    return result
