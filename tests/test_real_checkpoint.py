@@ -114,10 +114,10 @@ def real_logits_run(hf_dir: str, megatron_dir: str, tp: int, pp: int, ids_BS: to
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_gvpo.megatron.checkpoint import load_model_weights
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel
+    from megatron_gvpo.megatron.weights import load_model_weights
     from megatron_gvpo.models.arch import padded_vocab_size
     from megatron_gvpo.models.hf_io import load_hf_config
 
