@@ -6,8 +6,8 @@ about 2.0 GB in 51 large tensors) and a Qwen3-MoE (hidden 1024, 4 layers, 32 exp
 4 KV heads of 64, vocabulary 32000, untied; about 1.1 GB in 430 tensors, most of them 2 MB expert matrices).
 For each, in a fresh process each:
 
-    import     `megatron_gvpo.megatron.convert.import_hf` HF -> Megatron checkpoint (TP=1 padding)
-    export     `export_hf` Megatron checkpoint -> HF, into 512 MiB safetensors shards (streamed, no buffer)
+    import     `megatron_gvpo.megatron.convert.to_megatron.import_hf` HF -> Megatron checkpoint (TP=1 padding)
+    export     `to_hf.export_hf` Megatron checkpoint -> HF, into 512 MiB safetensors shards (streamed, no buffer)
     baseline   plain safetensors: `load_file` of each input shard and `save_file` of the same tensors, i.e.
                reading and writing the same bytes with no conversion (the whole shard in memory at once),
                flushed to the disk at the end as the converter's output is
@@ -167,14 +167,15 @@ class AnonSampler:
 
 
 def run_task(task: str, src: str, dst: str) -> int:
-    from megatron_gvpo.megatron import convert
+    from megatron_gvpo.megatron.convert.to_hf import export_hf
+    from megatron_gvpo.megatron.convert.to_megatron import import_hf
     from megatron_gvpo.utils.files import fsync_tree
 
     shutil.rmtree(dst, ignore_errors=True)
     if task == "import":
-        return convert.import_hf(src, dst, progress=False).bytes
+        return import_hf(src, dst, progress=False).bytes
     if task == "export":
-        return convert.export_hf(src, dst, progress=False, max_shard_bytes=EXPORT_SHARD).bytes
+        return export_hf(src, dst, progress=False, max_shard_bytes=EXPORT_SHARD).bytes
     else:
         from safetensors.torch import load_file, save_file
 
@@ -185,7 +186,7 @@ def run_task(task: str, src: str, dst: str) -> int:
             nbytes += sum(t.nbytes for t in tensors.values())
             save_file(tensors, str(Path(dst) / f.name))
             del tensors
-        # The converter flushes its output to the disk before publishing it (convert.atomic_output_dir); a
+        # The converter flushes its output to the disk before publishing it (convert.common.atomic_output_dir); a
         # baseline that left its bytes in the page cache would be measured doing less.
         fsync_tree(dst)
         return nbytes

@@ -39,8 +39,8 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import RESULTS, REPO_ROOT, publish
 import _rl
+from _common import REPO_ROOT, RESULTS, publish
 
 OUT = RESULTS / "off_policy"
 RUNS = REPO_ROOT / "runs/benchmarks/off_policy"
@@ -129,7 +129,7 @@ class KLProbe:
         import tempfile
 
         from megatron_gvpo.megatron.checkpoint import latest_checkpoint
-        from megatron_gvpo.megatron.convert import export_hf
+        from megatron_gvpo.megatron.convert.to_hf import export_hf
 
         with tempfile.TemporaryDirectory() as tmp:
             export_hf(latest_checkpoint(run_dir / "checkpoints"), Path(tmp) / "hf", progress=False)

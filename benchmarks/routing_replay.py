@@ -52,7 +52,8 @@ def build_model(root: Path) -> Path:
     """A random Qwen3-MoE through the converter (import + export), as the trainer would serve it."""
     import transformers
 
-    from megatron_gvpo.megatron.convert import export_hf, import_hf
+    from megatron_gvpo.megatron.convert.to_hf import export_hf
+    from megatron_gvpo.megatron.convert.to_megatron import import_hf
 
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3MoeConfig(**MODEL, eos_token_id=1))
@@ -85,8 +86,8 @@ def trainer_scores(model_dir: Path, prompts, groups):
     from a single-process Megatron model on the exported weights."""
     import torch.distributed as dist
 
+    from megatron_gvpo.data.groups import Group, collate
     from megatron_gvpo.megatron.config import ParallelConfig
-    from megatron_gvpo.data.groups import collate, Group
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel

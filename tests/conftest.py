@@ -47,7 +47,8 @@ def served_model_dirs(root, config_class: str, random_norms: bool = False, **fie
     import transformers
 
     from megatron_gvpo.data import addition
-    from megatron_gvpo.megatron.convert import export_hf, import_hf
+    from megatron_gvpo.megatron.convert.to_hf import export_hf
+    from megatron_gvpo.megatron.convert.to_megatron import import_hf
 
     original = root / "hf"
     addition.build_tokenizer(original)

@@ -1,4 +1,4 @@
-"""Contract of `tools/convert_hf.py` (megatron_gvpo/megatron/convert.py).
+"""Contract of `tools/convert_hf.py` (megatron_gvpo/megatron/convert/).
 
 - Round trip: HF -> import -> the trainer loads it at TP/PP in {1,2} x {1,2} and saves a training checkpoint
   (written by the sharded model) -> export -> HF is bitwise identical, tensor by tensor and in dtype, for
@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_gvpo.megatron.convert import export_hf, import_hf
+from megatron_gvpo.megatron.convert.to_hf import export_hf
+from megatron_gvpo.megatron.convert.to_megatron import import_hf
 from megatron_gvpo.models.hf_io import SafetensorsCheckpoint
 from tests.test_megatron_model import megatron_logits_run, tiny_hf_model
 
@@ -53,10 +54,10 @@ def train_layout_checkpoint_run(hf_dir, megatron_dir, out_dir, tp, pp, layout=()
     from megatron_gvpo.config import Config, config_from_dict
     from megatron_gvpo.megatron.checkpoint import save_checkpoint
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
-    from megatron_gvpo.train import build_engine
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
     from megatron_gvpo.models.arch import arch_from_hf
     from megatron_gvpo.models.hf_io import load_hf_config
+    from megatron_gvpo.train import build_engine
     from tests.gloo_pool import checkpoint_helpers_allowed
 
     apply_cpu_compat()

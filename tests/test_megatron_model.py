@@ -137,10 +137,10 @@ def megatron_logits_run(model_type, tied, tp, pp, megatron_checkpoint=None, ep=1
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_gvpo.megatron.checkpoint import load_model_weights
     from megatron_gvpo.megatron.config import MoEConfig, ParallelConfig
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.parallel import destroy_parallel, initialize_parallel
+    from megatron_gvpo.megatron.weights import load_model_weights
 
     apply_cpu_compat()
     ctx = initialize_parallel(ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp), seed=123)

