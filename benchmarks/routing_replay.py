@@ -148,7 +148,8 @@ def measure(model_dir: Path, dtype: str, prompts, group: int, new_tokens: int) -
         differ.append((mine != theirs).any(-1)[routed])
     differ = torch.cat(differ).float()
     return {"dtype": dtype, "tokens": int(mask.sum()), "flip": float(differ.mean()),
-            "own_mean": float(gap_own.mean()), "own_p99": float(gap_own.quantile(0.99)), "own_max": float(gap_own.max()),
+            "own_mean": float(gap_own.mean()), "own_p99": float(gap_own.quantile(0.99)),
+            "own_max": float(gap_own.max()),
             "rep_mean": float(gap_replay.mean()), "rep_p99": float(gap_replay.quantile(0.99)),
             "rep_max": float(gap_replay.max())}
 

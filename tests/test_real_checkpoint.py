@@ -165,7 +165,8 @@ def test_imported_logits_equal_transformers(gloo, tmp_path, smollm2, prompts, hf
     (got_BSV,) = [r for r in results if r is not None]
     for i, p in enumerate(prompts):
         got, want = got_BSV[i, : len(p)], want_BSV[i, : len(p)]
-        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m: f"tp={tp} pp={pp} chat {i}: {m}")
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m: f"tp={tp} pp={pp} chat {i}: {m}")  # noqa: B023 - called at once
         assert torch.equal(got.argmax(-1), want.argmax(-1)), f"tp={tp} pp={pp} chat {i}: greedy tokens differ"
 
 
