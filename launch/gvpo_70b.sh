@@ -17,7 +17,7 @@
 #
 # Thin on purpose: environment in, `python -m megatron_gvpo.launch` out. The roles, the exact commands, the
 # checks (config against allocation, then `python -m megatron_gvpo.plan`), waiting for the servers and signal
-# forwarding are in megatron_gvpo/launch.py. Environment (all optional):
+# forwarding are in megatron_gvpo/launch/. Environment (all optional):
 #   CONFIG                  the run's config (default configs/gvpo_70b.yaml)
 #   GVPO_RUN_DIR            replaces the config's run.dir; logs: $GVPO_RUN_DIR/logs/<host>.<role>.log. Keep it
 #                           the same across submissions: runs resume from the newest checkpoint there

@@ -1,4 +1,4 @@
-"""The launcher (megatron_gvpo/launch.py) and launch/, without GPUs or SLURM.
+"""The launcher (megatron_gvpo/launch/) and launch/, without GPUs or SLURM.
 
 - SLURM nodelist expansion (pure), and its errors naming SLURM_JOB_NODELIST.
 - The dry run of launch/gvpo_70b.sh through bash with a fake 8-node allocation: the exact command of every
@@ -7,7 +7,7 @@
   launch/local.sh. The real planner runs when megatron_gvpo/plan.py exists (--skip-plan otherwise).
 - Bad input fails before anything starts, with exit code 2 and a message naming the field; a planner that
   rejects the plan aborts with its exit code and output.
-- The run itself (`launch.run`, --local) on stand-in processes: servers awaited on /health, SIGUSR1 forwarded to
+- The run itself (`runner.run`, --local) on stand-in processes: servers awaited on /health, SIGUSR1 forwarded to
   the trainer, the trainer's exit status returned, servers stopped; a server dying at start-up aborts.
 - bash -n and shellcheck on .ci/run and every *.sh in launch/, tools/ and benchmarks/, hadolint on the
   Dockerfile (the linters come from requirements/test.txt; missing ones fail the test).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_gvpo import launch
+from megatron_gvpo.launch import cli, commands
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -53,14 +53,14 @@ ENV_VARS = ("TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "TORCH_NCCL_BLOCKING_WAIT=0", "
     ("x[5]", ["x5"]),
 ])
 def test_expand_nodelist(nodelist, hosts):
-    assert launch.expand_nodelist(nodelist) == hosts
+    assert commands.expand_nodelist(nodelist) == hosts
 
 
 @pytest.mark.parametrize("nodelist", ["gpu-[1-3", "gpu-1-3]", "gpu-[3-1]", "gpu-[a-b]", "a,,b", "gpu-[1,1]",
                                       "gpu-[[1-2]]"])
 def test_expand_nodelist_rejects(nodelist):
     with pytest.raises(ValueError, match="SLURM_JOB_NODELIST"):
-        launch.expand_nodelist(nodelist)
+        commands.expand_nodelist(nodelist)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ ALLOCATION = {"SLURM_JOB_NODELIST": "gpu-[01-08]", "SLURM_JOB_ID": "42", "SLURM_
 ])
 def test_bad_input_fails_naming_the_field(capsys, environ, sets, message):
     argv = ["--config", CONFIG, "--dry-run", "--skip-plan"] + (["--set", *sets] if sets else [])
-    assert launch.main(argv, environ) == 2
+    assert cli.main(argv, environ) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     for part in message:
@@ -234,8 +234,8 @@ def test_planner_rejection_aborts_with_its_output(monkeypatch, capsys):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 2, stdout="", stderr="plan: 70B does not fit in 80 GB at TP 8 PP 4\n")
 
-    monkeypatch.setattr(launch.subprocess, "run", planner)
-    assert launch.main(["--config", CONFIG, "--dry-run", "--set", "train.steps=7"], ALLOCATION) == 2
+    monkeypatch.setattr(cli.subprocess, "run", planner)
+    assert cli.main(["--config", CONFIG, "--dry-run", "--set", "train.steps=7"], ALLOCATION) == 2
     assert calls == [[sys.executable, "-m", "megatron_gvpo.plan", "--config", CONFIG, "--set", "train.steps=7",
                       "--nodes", "8", "--gpus-per-node", "8"]]
     captured = capsys.readouterr()
@@ -282,21 +282,22 @@ def _stand_in_plan(tmp_path, server: str, trainer_args: list[str], max_restarts:
     port = _free_port()
     logs = tmp_path / "logs"
     procs = [
-        launch.Process("localhost", "sglang-0", [sys.executable, "-c", server, str(port), *server_args],
-                       {"CUDA_VISIBLE_DEVICES": "0"}, str(logs / "localhost.sglang-0.log"), f"http://127.0.0.1:{port}"),
-        launch.Process("localhost", "trainer", [sys.executable, "-c", TRAINER, *trainer_args], {},
-                       str(logs / "localhost.trainer.log")),
+        commands.Process("localhost", "sglang-0", [sys.executable, "-c", server, str(port), *server_args],
+                         {"CUDA_VISIBLE_DEVICES": "0"}, str(logs / "localhost.sglang-0.log"),
+                         f"http://127.0.0.1:{port}"),
+        commands.Process("localhost", "trainer", [sys.executable, "-c", TRAINER, *trainer_args], {},
+                         str(logs / "localhost.trainer.log")),
     ]
-    plan = launch.Plan("local", ["localhost"], 1, ["localhost"], [], str(tmp_path), {"NCCL_DEBUG": "WARN"}, procs,
-                       startup_timeout_s=30.0, files={str(tmp_path / "rollout_model" / "config.json"): "{}"},
-                       max_restarts=max_restarts)
+    plan = commands.Plan("local", ["localhost"], 1, ["localhost"], [], str(tmp_path), {"NCCL_DEBUG": "WARN"}, procs,
+                         startup_timeout_s=30.0, files={str(tmp_path / "rollout_model" / "config.json"): "{}"},
+                         max_restarts=max_restarts)
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
     return path, port
 
 
 def _launch(plan_path: Path) -> subprocess.Popen:
-    code = ("import sys; from megatron_gvpo.launch import Plan, run; "
+    code = ("import sys; from megatron_gvpo.launch.commands import Plan; from megatron_gvpo.launch.runner import run; "
             "sys.exit(run(Plan.from_json(open(sys.argv[1]).read()), local=True))")
     return subprocess.Popen([sys.executable, "-c", code, str(plan_path)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -372,15 +373,15 @@ def test_run_aborts_when_a_server_dies_at_start_up(tmp_path):
 
 def test_plan_json_round_trip(tmp_path):
     plan_path, _ = _stand_in_plan(tmp_path, HEALTHY_SERVER, ["0", "0"])
-    plan = launch.Plan.from_json(plan_path.read_text())
+    plan = commands.Plan.from_json(plan_path.read_text())
     assert json.loads(plan.to_json()) == json.loads(plan_path.read_text())
     assert plan.processes[0].command().startswith("CUDA_VISIBLE_DEVICES=0 ")
 
 
 def test_container_wraps_every_srun():
-    proc = launch.Process("gpu-05", "sglang-0", ["python", "-V"], {}, "x.log")
-    container = launch.container_from_env({"CONTAINER_IMAGE": "/images/gvpo.sqsh"}, "/work/repo")
-    argv = launch.wrap(proc, {"NCCL_DEBUG": "WARN"}, 32, container)
+    proc = commands.Process("gpu-05", "sglang-0", ["python", "-V"], {}, "x.log")
+    container = commands.container_from_env({"CONTAINER_IMAGE": "/images/gvpo.sqsh"}, "/work/repo")
+    argv = commands.wrap(proc, {"NCCL_DEBUG": "WARN"}, 32, container)
     assert argv == ["srun", "--nodes=1", "--ntasks=1", "--nodelist=gpu-05", "--overlap", "--cpus-per-task=32",
                     "--container-image=/images/gvpo.sqsh", "--container-mounts=/work/repo:/work/repo",
                     "--container-workdir=/work/repo", "bash", "-c", "exec env NCCL_DEBUG=WARN python -V"]

@@ -172,7 +172,8 @@ def test_one_node_trains_and_one_serves_like_a_local_run(slurm, assets, shape_a,
 
 def assert_ran_as_planned(dry_run: str) -> None:
     """Every command the dry run printed ran, on its node, wrapped as it says: each log's first line is the
-    command that wrote it (launch.py). Job ids differ between the two jobs: they name the rendezvous only."""
+    command that wrote it (megatron_gvpo/launch/runner.py). Job ids differ between the two jobs: they name the
+    rendezvous only."""
     from tests.test_launch import _blocks
 
     blocks = _blocks(dry_run)

@@ -38,8 +38,8 @@ class RolloutConfig:
     urls: list[str] = field(default_factory=list)
     """SGLang servers to attach to (http://host:port); empty: start `servers` of them from the trainer."""
     urls_supervised: bool = False
-    """Whoever started the servers in `urls` starts a dead one again (megatron_gvpo/launch.py sets this: it restarts
-    the servers of its rollout nodes through srun). A failed rollout, sync or evaluation then waits, up to
+    """Whoever started the servers in `urls` starts a dead one again (megatron_gvpo/launch/ sets this: its runner
+    restarts the servers of its rollout nodes through srun). A failed rollout, sync or evaluation then waits, up to
     startup_timeout_s, for the dead servers to answer again, loads the trainer's weights into them and runs again
     (max_server_restarts). Otherwise a dead attached server ends the run."""
     servers: int = 1
