@@ -90,7 +90,7 @@ def _start(proc: Process, plan: Plan, container: Container | None, local: bool) 
 
 def _await_health(started: list[tuple[Process, subprocess.Popen]], timeout_s: float, what: str,
                   signals: _Signals) -> None:
-    from megatron_gvpo.rollout.sglang import health
+    from megatron_gvpo.rollout.http import health
 
     t0 = time.monotonic()
     waiting = list(started)
